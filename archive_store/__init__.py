@@ -1,0 +1,1 @@
+"""coevo: archive_store."""
