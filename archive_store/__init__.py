@@ -1,1 +1,13 @@
-"""coevo: archive_store."""
+"""coevo's DuckDB archive: schema + migrations, batched writer, read API, SQL shell."""
+
+from archive_store.shell import run_sql, tables_and_views
+from archive_store.store import SCHEMA_VERSION, Archive, ArchiveError, prompt_hash
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Archive",
+    "ArchiveError",
+    "prompt_hash",
+    "run_sql",
+    "tables_and_views",
+]

@@ -1,0 +1,277 @@
+"""DPO update of the generator: preference pairs from scored algorithms, one TRL training run.
+
+Self-Developing (Ishibashi et al., 2025): programs sampled from the same prompt are ranked by
+dev score; the top 3 % are chosen, the bottom 10 % (non-executable ones first) rejected, and
+every chosen x rejected combination with a strictly better chosen score is a pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+from trl import DPOConfig, DPOTrainer
+
+log = logging.getLogger(__name__)
+
+SCORED_KEYS = ("algorithm_id", "prompt", "completion", "score")
+
+
+@dataclass
+class DPOSettings:
+    """How one DPO update of the generator is trained."""
+
+    beta: float = 0.1
+    learning_rate: float = 5e-5
+    epochs: int = 2
+    batch_size: int = 8
+    # 0 = full fine-tune; otherwise LoRA of this rank (alpha = 2 * rank), merged before saving.
+    lora_rank: int = 0
+    max_length: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"DPO beta must be > 0, got {self.beta}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"DPO learning_rate must be > 0, got {self.learning_rate}")
+        if self.epochs < 1 or self.batch_size < 1 or self.max_length < 2:
+            raise ValueError(
+                f"DPO needs epochs >= 1, batch_size >= 1, max_length >= 2; got epochs="
+                f"{self.epochs}, batch_size={self.batch_size}, max_length={self.max_length}"
+            )
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tune), got {self.lora_rank}")
+
+
+@dataclass(frozen=True)
+class DPOResult:
+    """What one DPO run produced."""
+
+    out_dir: Path
+    num_pairs: int
+    final_loss: float
+    duration_s: float
+    reward_accuracy: float | None = None
+    reward_margin: float | None = None
+
+
+def _rank_score(item: dict[str, Any]) -> float:
+    # A program that did not run is worse than any program that did.
+    score = item["score"]
+    return -math.inf if score is None else float(score)
+
+
+def _take(frac: float, n: int) -> int:
+    # round() first: 0.1 * 30 is 3.0000000000000004 in floating point, and ceil would give 4.
+    return math.ceil(round(frac * n, 9))
+
+
+def _interleave(groups: list[list[dict[str, Any]]]) -> Iterable[dict[str, Any]]:
+    for i in range(max((len(g) for g in groups), default=0)):
+        for group in groups:
+            if i < len(group):
+                yield group[i]
+
+
+def make_preference_pairs(
+    scored: list[dict[str, Any]],
+    *,
+    top_frac: float,
+    bottom_frac: float,
+    max_pairs: int | None = None,
+) -> list[dict[str, Any]]:
+    """Chosen/rejected pairs from scored programs, only between programs of the same prompt.
+
+    Each item is `{"algorithm_id", "prompt", "completion", "score"}` (score None = did not run,
+    ranked below every score). Within each prompt's N programs, the top `ceil(top_frac*N)` are
+    chosen and the bottom `ceil(bottom_frac*N)` rejected; every chosen x rejected combination
+    whose chosen score is strictly higher is a pair. Ties in score are broken by algorithm_id,
+    so the output does not depend on input order within a prompt. Pairs come best chosen first,
+    each against the worst rejected first; prompts keep their first-seen order. With
+    `max_pairs`, prompts are interleaved (the first pair of each, then the second, ...) so no
+    prompt is crowded out, and the list is cut there.
+    """
+    if not 0 < top_frac <= 1 or not 0 < bottom_frac <= 1:
+        raise ValueError(
+            f"top_frac and bottom_frac must be in (0, 1], got {top_frac} and {bottom_frac}"
+        )
+    if max_pairs is not None and max_pairs < 0:
+        raise ValueError(f"max_pairs must be >= 0 or None, got {max_pairs}")
+    by_prompt: dict[str, list[dict[str, Any]]] = {}
+    for i, item in enumerate(scored):
+        missing = [k for k in SCORED_KEYS if k not in item]
+        if missing:
+            raise ValueError(f"scored item {i} lacks {', '.join(missing)}: need {SCORED_KEYS}")
+        by_prompt.setdefault(item["prompt"], []).append(item)
+
+    groups: list[list[dict[str, Any]]] = []
+    for prompt, items in by_prompt.items():
+        ranked = sorted(items, key=lambda it: (-_rank_score(it), str(it["algorithm_id"])))
+        chosen = ranked[: _take(top_frac, len(ranked))]
+        rejected = ranked[::-1][: _take(bottom_frac, len(ranked))]
+        groups.append(
+            [
+                {
+                    "prompt": prompt,
+                    "chosen": c["completion"],
+                    "rejected": r["completion"],
+                    "chosen_id": c["algorithm_id"],
+                    "rejected_id": r["algorithm_id"],
+                    "chosen_score": c["score"],
+                    "rejected_score": r["score"],
+                }
+                for c in chosen
+                for r in rejected
+                if _rank_score(c) > _rank_score(r)
+            ]
+        )
+    if max_pairs is None:
+        return [pair for group in groups for pair in group]
+    return list(_interleave(groups))[:max_pairs]
+
+
+def _last_logged(history: list[dict[str, Any]], key: str) -> float | None:
+    for entry in reversed(history):
+        if key in entry:
+            return float(entry[key])
+    return None
+
+
+def train_dpo(
+    model_dir: Path, pairs: list[dict[str, Any]], out_dir: Path, settings: DPOSettings
+) -> DPOResult:
+    """Train the model in `model_dir` on `pairs` with DPO and save it as a plain HF model dir.
+
+    Full fine-tuning keeps a frozen copy of the start model as the DPO reference (TRL loads it
+    from `model_dir`); LoRA uses the adapter-disabled model as reference and the adapter is
+    merged into the weights before saving. `out_dir` appears only once it is complete.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not pairs:
+        raise ValueError(
+            "train_dpo got no preference pairs: score more programs or widen fractions"
+        )
+    if out_dir.exists():
+        raise FileExistsError(f"DPO output dir {out_dir} already exists: pick a new version dir")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model dir: no config.json")
+    rows = [
+        {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs
+    ]
+
+    start = time.perf_counter()
+    on_gpu = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    use_cache = model.config.use_cache
+    peft_config = (
+        LoraConfig(
+            r=settings.lora_rank,
+            lora_alpha=2 * settings.lora_rank,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+        if settings.lora_rank
+        else None
+    )
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        with tempfile.TemporaryDirectory(prefix="coevo-dpo-") as scratch, warnings.catch_warnings():
+            # TRL 1.16 still calls transformers 5's deprecated gradient_checkpointing* aliases.
+            warnings.filterwarnings(
+                "ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning
+            )
+            args = DPOConfig(
+                output_dir=scratch,
+                use_cpu=not on_gpu,
+                # TRL defaults bf16 to True; on CPU that autocasts a float32 model to bf16.
+                bf16=on_gpu and torch.cuda.is_bf16_supported(),
+                # Trades compute for memory: worth it on a GPU, only slower on CPU-sized models.
+                activation_checkpointing=on_gpu,
+                per_device_train_batch_size=settings.batch_size,
+                num_train_epochs=settings.epochs,
+                learning_rate=settings.learning_rate,
+                beta=settings.beta,
+                max_length=settings.max_length,
+                seed=settings.seed,
+                data_seed=settings.seed,
+                report_to=[],
+                save_strategy="no",
+                logging_steps=1,
+                disable_tqdm=True,
+            )
+            trainer = DPOTrainer(
+                model=model,
+                ref_model=None,
+                args=args,
+                train_dataset=datasets.Dataset.from_list(rows),
+                processing_class=tokenizer,
+                peft_config=peft_config,
+            )
+            # With tqdm off, Trainer prints every log dict to stdout; we log one summary line.
+            trainer.remove_callback(PrinterCallback)
+            output = trainer.train()
+            history = list(trainer.state.log_history)
+            trained = trainer.accelerator.unwrap_model(trainer.model)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+    if settings.lora_rank:
+        trained = trained.merge_and_unload()
+    # Trainer sets config.use_cache = False for training; saved as is, generation would be slow.
+    trained.config.use_cache = use_cache
+    _save_atomically(trained, tokenizer, out_dir)
+
+    duration = time.perf_counter() - start
+    final_loss = _last_logged(history, "loss")
+    result = DPOResult(
+        out_dir=out_dir,
+        num_pairs=len(pairs),
+        final_loss=final_loss if final_loss is not None else float(output.training_loss),
+        duration_s=duration,
+        reward_accuracy=_last_logged(history, "rewards/accuracies"),
+        reward_margin=_last_logged(history, "rewards/margins"),
+    )
+    log.info(
+        "DPO: %d pairs, final loss %.4f, reward accuracy %s, %.1f s -> %s",
+        result.num_pairs,
+        result.final_loss,
+        "n/a" if result.reward_accuracy is None else f"{result.reward_accuracy:.2f}",
+        result.duration_s,
+        out_dir,
+    )
+    return result
+
+
+def _save_atomically(model: Any, tokenizer: Any, out_dir: Path) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

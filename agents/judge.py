@@ -1,0 +1,85 @@
+"""Judge role: a resident model answers tasks (batched greedy decoding), answers are scored.
+
+The judge loads the base architecture once and hot-swaps each merged model's weights into it,
+the CPU counterpart of reloading weights into a resident vLLM engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from coevo.tasks import Task
+from merging.io import open_weights
+
+
+@dataclass(frozen=True)
+class Scored:
+    task_id: str
+    answer: str
+    score: float
+
+
+def exact_match(answer: str, expected: str) -> float:
+    return 1.0 if answer.strip() == expected.strip() else 0.0
+
+
+def mean_score(scored: Sequence[Scored]) -> float:
+    """Percentage of points over the scored answers."""
+    return 100.0 * sum(s.score for s in scored) / max(1, len(scored))
+
+
+class Judge:
+    """Answers tasks with any model that shares the base model's architecture."""
+
+    name = "exact_match"
+
+    def __init__(
+        self, base_dir: Path, *, device: str = "cpu", batch_size: int = 256, max_new_tokens: int = 8
+    ) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.tokenizer.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(base_dir).to(device).eval()
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.loaded: Path | None = Path(base_dir)
+
+    def load(self, model_dir: Path) -> None:
+        """Copy a model dir's weights into the resident model, tensor by tensor."""
+        if self.loaded == Path(model_dir):
+            return
+        params = dict(self.model.state_dict())
+        with open_weights(Path(model_dir)) as weights, torch.no_grad():
+            for name in weights.names():
+                if name not in params:
+                    raise ValueError(f"model {model_dir} has tensor {name} unknown to the judge's base")
+                params[name].copy_(weights.get(name))
+        self.loaded = Path(model_dir)
+
+    def answers(self, prompts: Sequence[str]) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = list(prompts[start : start + self.batch_size])
+            enc = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(self.model.device) for k, v in enc.items()}
+            with torch.inference_mode():
+                generated = self.model.generate(
+                    **enc,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                )
+            new_tokens = generated[:, enc["input_ids"].shape[1] :]
+            for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
+                out.append(text.split("\n", 1)[0].strip())
+        return out
+
+    def score(self, model_dir: Path, tasks: Sequence[Task]) -> list[Scored]:
+        self.load(model_dir)
+        answers = self.answers([t.prompt for t in tasks])
+        return [Scored(t.task_id, a, exact_match(a, t.answer)) for t, a in zip(tasks, answers, strict=True)]

@@ -1,0 +1,144 @@
+"""`coevo sql`: run SQL against an archive and format the result for a terminal or a file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from archive_store.store import Archive, ArchiveError
+
+FORMATS = ("table", "csv", "json", "markdown")
+_CHANGES = (duckdb.StatementType.INSERT, duckdb.StatementType.UPDATE, duckdb.StatementType.DELETE)
+MAX_CELL = 60
+
+
+def run_sql(archive_path: Path, sql: str, *, fmt: str = "table", write: bool = False) -> str:
+    """Execute `sql` on the archive (read-only unless `write`) and return it formatted.
+
+    `fmt` is one of 'table' (aligned, cells cut to 60 chars), 'csv', 'json' (a list of
+    objects) or 'markdown'. SQL errors raise `ArchiveError` with DuckDB's message on one line.
+    """
+    if fmt not in FORMATS:
+        raise ArchiveError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    with Archive.open(Path(archive_path), read_only=not write) as archive:
+        try:
+            columns, rows = archive.query(sql)
+        except ArchiveError as exc:
+            if not write and "read-only" in str(exc):
+                raise ArchiveError(f"{exc}; pass --write to allow changes") from None
+            raise
+    if not columns:
+        return "OK"
+    if columns == ["Count"]:
+        # DuckDB answers DDL and DML with a 'Count' column; say what happened instead.
+        kind = duckdb.extract_statements(sql)[-1].type
+        if kind in _CHANGES:
+            changed = rows[0][0] if rows else 0
+            return f"OK, {changed} row{'s' if changed != 1 else ''} changed"
+        if kind != duckdb.StatementType.SELECT:
+            return "OK"
+    return {"table": _table, "csv": _csv, "json": _json, "markdown": _markdown}[fmt](columns, rows)
+
+
+def tables_and_views(archive_path: Path) -> str:
+    """A table of the archive's tables (with row counts) and views, with their columns."""
+    with Archive.open(Path(archive_path), read_only=True) as archive:
+        columns, rows = archive.query(
+            """
+            SELECT t.table_name AS name,
+                   CASE WHEN v.view_name IS NULL THEN 'table' ELSE 'view' END AS kind,
+                   t.estimated_size AS est_rows,
+                   string_agg(c.column_name, ', ' ORDER BY c.column_index) AS columns
+            FROM (SELECT table_name, estimated_size FROM duckdb_tables()
+                  WHERE database_name = current_database()
+                  UNION ALL
+                  SELECT view_name, NULL FROM duckdb_views()
+                  WHERE database_name = current_database() AND NOT internal) t
+            LEFT JOIN duckdb_views() v
+                   ON v.view_name = t.table_name AND v.database_name = current_database()
+            JOIN duckdb_columns() c
+                   ON c.table_name = t.table_name AND c.database_name = current_database()
+            GROUP BY ALL
+            ORDER BY kind, name
+            """
+        )
+    return _table(columns, rows, max_cell=10_000)
+
+
+def _text(value: Any) -> str:
+    """How one value reads in a terminal or markdown cell."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="seconds")
+    return str(value).replace("\r\n", "⏎").replace("\n", "⏎")
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _table(columns: list[str], rows: list[tuple], max_cell: int = MAX_CELL) -> str:
+    cells = [[_cut(_text(v), max_cell) for v in row] for row in rows]
+    numeric = [
+        any(row[i] is not None for row in rows)
+        and all(isinstance(row[i], int | float | Decimal | None) for row in rows)
+        for i in range(len(columns))
+    ]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+
+    def line(values: list[str]) -> str:
+        padded = [
+            v.rjust(w) if numeric[i] else v.ljust(w)
+            for i, (v, w) in enumerate(zip(values, widths, strict=True))
+        ]
+        return ("| " + " | ".join(padded) + " |").rstrip()
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    out = [line(list(columns)), rule, *(line(r) for r in cells)]
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)
+
+
+def _csv(columns: list[str], rows: list[tuple]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if v is None else _plain(v) for v in row])
+    return buffer.getvalue()
+
+
+def _json(columns: list[str], rows: list[tuple]) -> str:
+    records = [dict(zip(columns, row, strict=True)) for row in rows]
+    return json.dumps(records, indent=2, default=_plain, ensure_ascii=False)
+
+
+def _markdown(columns: list[str], rows: list[tuple]) -> str:
+    def cell(value: Any) -> str:
+        return _text(value).replace("|", "\\|")
+
+    out = ["| " + " | ".join(cell(c) for c in columns) + " |"]
+    out.append("|" + "|".join(" --- " for _ in columns) + "|")
+    out.extend("| " + " | ".join(cell(v) for v in row) + " |" for row in rows)
+    return "\n".join(out)
+
+
+def _plain(value: Any) -> Any:
+    """A value csv/json can hold without losing precision (floats stay full repr)."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, list | dict | tuple):
+        return json.dumps(value, default=str)
+    return value if isinstance(value, str | int | float | bool) else str(value)

@@ -1,0 +1,274 @@
+"""`coevo` command line: launch sessions, build the zoo, run the sandbox, query, review, prompts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_WORKDIR = Path("coevo_work")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by bad input: reported in one line, never with a stack trace."""
+    from agents.backends import BackendError
+    from archive_store import ArchiveError
+    from coevo.config import ConfigError
+    from coevo.prompts import PromptError
+    from coevo.session import SessionError
+    from coevo.tasks import TaskFileError
+    from merging.check import IncompatibleModels
+    from merging.io import ModelDirError
+    from sandbox.runner import SandboxUnavailable
+
+    return (ArchiveError, BackendError, ConfigError, IncompatibleModels, ModelDirError,
+            PromptError, SandboxUnavailable, SessionError, TaskFileError)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from coevo.config import load_config, parse_config
+    from coevo.session import run_session
+
+    if args.resume and args.config:
+        raise SystemExit("error: --resume continues the last session with its own config; drop CONFIG")
+    config = load_config(args.config)
+    overrides = config.model_dump()
+    if args.iterations is not None:
+        overrides["session"]["iterations"] = args.iterations
+    if args.programs is not None:
+        overrides["generator"]["programs_per_iteration"] = args.programs
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.runner is not None:
+        overrides["sandbox"]["runner"] = args.runner
+    config = parse_config(overrides, str(args.config or "command line"))
+    if args.print_config:
+        import json
+
+        print(json.dumps(config.model_dump(), indent=2))
+        return 0
+    run_session(None if args.resume else config, args.workdir, resume=args.resume)
+    return 0
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from coevo.zoo.build import build_zoo, format_zoo_info
+
+    manifest = build_zoo(args.out, seed=args.seed, runner_kind=args.runner)
+    print(format_zoo_info(args.out, manifest))
+    return 0
+
+
+def cmd_zoo_info(args: argparse.Namespace) -> int:
+    from coevo.zoo.build import format_zoo_info, zoo_manifest
+
+    manifest = zoo_manifest(args.dir)
+    if manifest is None:
+        from coevo.config import ConfigError
+
+        raise ConfigError(f"{args.dir} is not a coevo zoo of this version (build one: coevo zoo build --out {args.dir})")
+    print(format_zoo_info(args.dir, manifest))
+    return 0
+
+
+def _archive_path(args: argparse.Namespace) -> Path:
+    from archive_store import ArchiveError
+
+    path = Path(args.archive) if args.archive else Path(args.workdir) / "archive.duckdb"
+    if not path.is_file():
+        raise ArchiveError(f"no archive at {path} (run `coevo launch` first, or pass --workdir / --archive)")
+    return path
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from archive_store import ArchiveError, run_sql, tables_and_views
+
+    path = _archive_path(args)
+    if args.command is not None or args.file is not None:
+        sql = args.command if args.command is not None else Path(args.file).read_text()
+        print(run_sql(path, sql, fmt=args.format, write=args.write))
+        return 0
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    print(f"coevo sql on {path} ({'read-write' if args.write else 'read-only'}); end statements with ';', "
+          "'.tables' lists tables and views, '.quit' exits")
+    buffer: list[str] = []
+    while True:
+        try:
+            line = input("... " if buffer else "sql> ")
+        except EOFError:
+            print()
+            return 0
+        if not buffer and line.strip() in (".quit", ".exit"):
+            return 0
+        if not buffer and line.strip() in (".tables", ".views", ".schema"):
+            print(tables_and_views(path))
+            continue
+        buffer.append(line)
+        if line.rstrip().endswith(";"):
+            try:
+                print(run_sql(path, "\n".join(buffer), fmt=args.format, write=args.write))
+            except ArchiveError as err:
+                print(f"error: {err}", file=sys.stderr)
+            buffer = []
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from archive_store import Archive, ArchiveError
+
+    with Archive.open(_archive_path(args), read_only=True) as archive:
+        session = args.session or (archive.latest_session() or {}).get("session_id")
+        if args.action == "show":
+            if not args.id:
+                raise ArchiveError("coevo review show needs an algorithm id (see `coevo review`)")
+            rows = archive.records(
+                "select s.*, a.code, a.policy_reason, r.reason, r.stderr from algorithm_scores s "
+                "join algorithms a using (algorithm_id) left join sandbox_runs r using (run_id) "
+                "where s.algorithm_id = ? or s.algorithm_id like '%' || ?", [args.id, args.id],
+            )
+            if not rows:
+                raise ArchiveError(f"no algorithm {args.id!r} in the archive")
+            row = rows[0]
+            fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+            print(f"algorithm  {row['algorithm_id']}")
+            print(f"iteration  {row['iteration']}  generator v{row['generator_version']}  T={row['temperature']:.2f}")
+            print(f"outcome    {row['outcome']}")
+            reason = row["policy_reason"] if not row["policy_ok"] else row["reason"]
+            if reason:
+                print(f"reason     {reason}")
+            if row["duplicate_of"]:
+                print(f"duplicate  of {row['duplicate_of']}")
+            if row["duration_s"] is not None:
+                print(f"sandbox    {row['duration_s']:.2f}s, peak {row['peak_memory_mb'] or 0:.0f} MB")
+            print(f"scores     dev {fmt(row['dev_score'])}  test {fmt(row['test_score'])}")
+            print("\n" + row["code"])
+            if row["stderr"]:
+                print("stderr (tail):\n" + row["stderr"][-2000:])
+            return 0
+        if session is None:
+            raise ArchiveError("the archive holds no session yet")
+        where = "where session_id = ?"
+        params: list = [session]
+        if args.outcome:
+            where += " and outcome = ?"
+            params.append(args.outcome)
+        rows = archive.query(
+            f"select algorithm_id, iteration, generator_version, outcome, dev_score, test_score "
+            f"from algorithm_scores {where} order by dev_score desc nulls last, algorithm_id limit ?",
+            [*params, args.limit],
+        )[1]
+        print(f"session {session}: {len(rows)} algorithms (best first; `coevo review show ID` for one)")
+        print(f"  {'algorithm':38} {'iter':>4} {'gen':>3} {'outcome':20} {'dev':>6} {'test':>6}")
+        for algorithm_id, iteration, version, outcome, dev, test in rows:
+            fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+            print(f"  {algorithm_id:38} {iteration:>4} {version:>3} {outcome or '-':20} {fmt(dev):>6} {fmt(test):>6}")
+    return 0
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from coevo.prompts import DEFAULT_PROMPTS_DIR, list_prompts, load_prompt
+
+    directory = Path(args.dir) if args.dir else DEFAULT_PROMPTS_DIR
+    if args.action == "path":
+        print(directory)
+    elif args.action == "show":
+        if not args.name:
+            raise SystemExit("error: coevo prompts show needs a NAME (see `coevo prompts list`)")
+        print(load_prompt(args.name, directory).text)
+    else:
+        for prompt in list_prompts(directory):
+            placeholders = ", ".join(f"${p}" for p in sorted(prompt.placeholders))
+            print(f"{prompt.name:16} {prompt.hash}  {prompt.path}  [{placeholders}]")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sandbox.cli import add_sandbox_parser
+
+    parser = argparse.ArgumentParser(prog="coevo", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    def workdir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                       help="holds archive.duckdb, models, checkpoints (default ./coevo_work)")
+
+    p = sub.add_parser("launch", help="run a discovery session (no CONFIG = embedded quickstart)")
+    p.add_argument("config", nargs="?", type=Path, help="session config (TOML)")
+    workdir(p)
+    p.add_argument("--resume", action="store_true", help="continue the last unfinished session in --workdir")
+    p.add_argument("--iterations", type=int, help="override session.iterations")
+    p.add_argument("--programs", type=int, help="override generator.programs_per_iteration")
+    p.add_argument("--seed", type=int, help="override seed")
+    p.add_argument("--runner", choices=["auto", "docker", "process"], help="override sandbox.runner")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_launch)
+
+    zoo = sub.add_parser("zoo", help="the embedded tiny zoo").add_subparsers(dest="zoo_cmd", required=True)
+    p = zoo.add_parser("build", help="build the zoo (deterministic from --seed)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runner", choices=["auto", "docker", "process"], default="auto")
+    p.set_defaults(func=cmd_zoo_build)
+    p = zoo.add_parser("info", help="print a zoo's measured numbers")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=cmd_zoo_info)
+
+    add_sandbox_parser(sub)
+
+    p = sub.add_parser("sql", help="query the archive with SQL (interactive without -c/-f)")
+    workdir(p)
+    p.add_argument("--archive", help="an explicit archive.duckdb path")
+    p.add_argument("-c", "--command", help="one SQL statement")
+    p.add_argument("-f", "--file", help="a .sql file")
+    p.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table")
+    p.add_argument("--write", action="store_true", help="allow writes (no session may be running)")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("review", help="review generated algorithms: list, or `show ID`")
+    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p.add_argument("id", nargs="?")
+    workdir(p)
+    p.add_argument("--archive", help="an explicit archive.duckdb path")
+    p.add_argument("--session", help="session id (default: the latest)")
+    p.add_argument("--outcome", help="only this outcome (ok, timeout, rejected_by_policy, duplicate, ...)")
+    p.add_argument("--limit", type=int, default=30)
+    p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("prompts", help="the editable prompt templates")
+    p.add_argument("action", nargs="?", choices=["list", "show", "path"], default="list")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--dir", help="prompts directory (default: the repository's prompts/)")
+    p.set_defaults(func=cmd_prompts)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("transformers", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted: resume with `coevo launch --resume`", file=sys.stderr)
+        return 130
+    except _user_errors() as err:
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Console output: progress bars on long work, one-line messages, no stack traces for users."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def progress(description: str, total: int) -> Iterator[Callable[..., None]]:
+    """A progress bar; yields `advance(n=1, info="")`. Plain lines when not on a terminal."""
+    if not console.is_terminal:
+        done = 0
+        step = max(1, total // 4)
+
+        def advance_plain(n: int = 1, info: str = "") -> None:
+            nonlocal done
+            before, done = done, done + n
+            if done // step != before // step or done == total:
+                console.print(f"  {description}: {done}/{total} {info}".rstrip())
+
+        yield advance_plain
+        return
+    with Progress(
+        TextColumn("  {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(description, total=total, info="")
+
+        def advance(n: int = 1, info: str = "") -> None:
+            bar.update(task, advance=n, info=info)
+
+        yield advance
+
+
+def say(message: str) -> None:
+    console.print(message)
+
+
+def fail(message: str, code: int = 2) -> int:
+    """Print a one-line user error and return the exit code to use."""
+    print(f"error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,432 @@
+"""Sandbox runners: run one generated merge program against real models, confined, and
+return a verdict.
+
+A `Runner` takes a `MergeJob` (program source + model dirs, all serialisable) and returns a
+`SandboxResult`; it never raises for anything the program does. `ProcessRunner` is the
+fallback that works everywhere: a fresh `python -m sandbox.harness` process per job, in its
+own process group and (when the OS allows) its own network namespace, with a scrubbed
+environment, rlimits (applied by the harness, see `sandbox.harness.apply_limits`), a wall-clock
+kill and a memory watchdog enforced from outside. A Docker runner can slot in behind the same
+protocol: it runs the same harness on the same job file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+from sandbox.policy import check_program
+
+log = logging.getLogger("coevo.sandbox")
+
+VERDICTS = (
+    "ok",
+    "rejected_by_policy",
+    "runtime_error",
+    "timeout",
+    "memory_exceeded",
+    "output_invalid",
+    "sandbox_error",
+)
+
+# The dir holding the `sandbox` and `merging` packages, put on the child's PYTHONPATH.
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+POLL_S = 0.05
+# Logs past this many times max_log_bytes mean something writes around the bounded print.
+LOG_FLOOD_FACTOR = 100
+
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+
+
+class SandboxUnavailable(RuntimeError):
+    """The requested sandbox runner cannot be used on this machine."""
+
+
+@dataclass
+class SandboxLimits:
+    """Resource limits for one sandboxed job."""
+
+    timeout_s: float = 60.0
+    memory_mb: int = 2048
+    max_output_mb: int = 1024
+    max_log_bytes: int = 64_000
+    max_processes: int = 64
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value <= 0:
+                raise ValueError(f"SandboxLimits.{name} must be positive, got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The limits as JSON-ready values."""
+        return asdict(self)
+
+
+@dataclass
+class MergeJob:
+    """One program to apply to a base model and its experts, writing `out_dir`."""
+
+    source: str
+    base_dir: Path
+    expert_dirs: list[Path]
+    out_dir: Path
+    include: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as JSON-ready values (absolute paths)."""
+        return {
+            "source": self.source,
+            "base_dir": str(Path(self.base_dir).resolve()),
+            "expert_dirs": [str(Path(d).resolve()) for d in self.expert_dirs],
+            "out_dir": str(Path(self.out_dir).resolve()),
+            "include": self.include,
+        }
+
+
+@dataclass
+class SandboxResult:
+    """What happened to one job: a verdict from `VERDICTS`, why, and what it cost."""
+
+    verdict: str
+    reason: str
+    duration_s: float
+    peak_memory_mb: float
+    stdout: str = ""
+    stderr: str = ""
+    runner: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready values."""
+        return asdict(self)
+
+
+class Runner(Protocol):
+    """Runs merge jobs in some sandbox; `run` returns a verdict, never raises for the program."""
+
+    name: str
+
+    def run(self, job: MergeJob) -> SandboxResult:
+        """Run one job to completion (or to its limits)."""
+        ...
+
+
+@dataclass
+class _Watch:
+    """What the watchdog saw: why it killed the job (if it did) and the peak anonymous memory."""
+
+    killed_for: str | None = None
+    peak_mb: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class ProcessRunner:
+    """One fresh harness process per job, confined by rlimits, a process group and unshare.
+
+    Weaker than Docker: the file system is shared (the program only reaches it through
+    RestrictedPython escapes the policy is there to prevent) and so is the kernel.
+    """
+
+    name = "process"
+
+    def __init__(self, limits: SandboxLimits | None = None) -> None:
+        self.limits = limits or SandboxLimits()
+        _warn_once(
+            "process",
+            "process sandbox: weaker isolation than Docker (no read-only root, shared kernel, "
+            "shared file system; confinement is RestrictedPython + rlimits + process group"
+            + (" + network namespace)" if network_prefix() else ", network NOT isolated)"),
+        )
+
+    def run(self, job: MergeJob) -> SandboxResult:
+        """Check the policy, then run the job in a fresh harness process and judge it."""
+        start = time.perf_counter()
+        policy = check_program(job.source)
+        if not policy.ok:
+            return SandboxResult(
+                "rejected_by_policy",
+                f"{policy.rule}: {policy.reason}",
+                time.perf_counter() - start,
+                0.0,
+                runner=self.name,
+            )
+        out_dir = Path(job.out_dir).resolve()
+        control = Path(tempfile.mkdtemp(prefix="coevo-sandbox-"))
+        staging: Path | None = None
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            # Staged next to out_dir (same file system, so the final rename is atomic); a
+            # failed or killed job leaves nothing at out_dir.
+            staging = Path(tempfile.mkdtemp(prefix=f".sandbox-{out_dir.name}-", dir=out_dir.parent))
+            verdict, reason, peak_mb = self._run_harness(job, control, staging / "model")
+            if verdict == "ok":
+                reason = _install(staging / "model", out_dir, staging) or reason
+                verdict = "ok" if reason == "ok" else "sandbox_error"
+            stdout = _read_log(control / "stdout.log", self.limits.max_log_bytes)
+            stderr = _read_log(control / "stderr.log", self.limits.max_log_bytes)
+        except OSError as err:
+            verdict, reason, peak_mb, stdout, stderr = (
+                "sandbox_error", f"sandbox setup failed: {err}", 0.0, "", ""
+            )
+        finally:
+            shutil.rmtree(control, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        return SandboxResult(
+            verdict, reason, time.perf_counter() - start, peak_mb, stdout, stderr, self.name
+        )
+
+    def _run_harness(self, job: MergeJob, control: Path, model_dir: Path) -> tuple[str, str, float]:
+        limits = self.limits
+        job_file = control / "job.json"
+        result_file = control / "result.json"
+        job_file.write_text(
+            json.dumps(
+                {
+                    **job.to_dict(),
+                    "out_dir": str(model_dir),
+                    "result_path": str(result_file),
+                    "limits": limits.to_dict(),
+                }
+            )
+        )
+        for sub in ("home", "tmp"):
+            (control / sub).mkdir()
+        command = [
+            *network_prefix(),
+            sys.executable, "-s", "-B", "-X", "faulthandler", "-m", "sandbox.harness",
+            str(job_file),
+        ]
+        with open(control / "stdout.log", "wb") as out, open(control / "stderr.log", "wb") as err:
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                cwd=control,
+                env=_child_env(control),
+                start_new_session=True,
+                close_fds=True,
+            )
+        watch = _Watch()
+        watchdog = threading.Thread(
+            target=_watchdog, args=(proc.pid, control, limits, watch), daemon=True
+        )
+        watchdog.start()
+        # Wait without reaping, so the process group id cannot be reused before the group
+        # (including anything the program spawned) is killed, then reap with rusage.
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        _kill_group(proc.pid)
+        _, status, rusage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        watch.done.set()
+        watchdog.join()
+
+        peak_mb = max(rusage.ru_maxrss / 1024, watch.peak_mb)
+        if watch.killed_for == "timeout":
+            return "timeout", f"exceeded the {limits.timeout_s:g} s wall-clock limit", peak_mb
+        if watch.killed_for == "memory":
+            return (
+                "memory_exceeded",
+                f"used more than the {limits.memory_mb} MB memory limit",
+                peak_mb,
+            )
+        if watch.killed_for == "logs":
+            return (
+                "runtime_error",
+                f"wrote more than {LOG_FLOOD_FACTOR * limits.max_log_bytes} bytes of logs",
+                peak_mb,
+            )
+        if result_file.is_file():
+            try:
+                result = json.loads(result_file.read_text())
+                verdict, reason = str(result["verdict"]), str(result["reason"])
+                peak_mb = max(peak_mb, float(result.get("peak_memory_mb", 0.0)))
+            except (ValueError, KeyError, TypeError) as bad:
+                return "sandbox_error", f"unreadable harness result: {bad}", peak_mb
+            if verdict not in VERDICTS:
+                return "sandbox_error", f"harness returned unknown verdict {verdict!r}", peak_mb
+            return verdict, reason, peak_mb
+        tail = _tail(control / "stderr.log")
+        code = proc.returncode
+        if code < 0:
+            sig = signal.Signals(-code)
+            if sig == signal.SIGXCPU:
+                return "timeout", "exceeded the CPU-time limit", peak_mb
+            return "runtime_error", f"sandbox process killed by {sig.name}: {tail}", peak_mb
+        return "sandbox_error", f"harness exited with code {code} and no result: {tail}", peak_mb
+
+
+def run_many(runner: Runner, jobs: Sequence[MergeJob], workers: int = 2) -> list[SandboxResult]:
+    """Run jobs `workers` at a time (threads; each job is its own process), results in order."""
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
+        return list(pool.map(runner.run, jobs))
+
+
+def make_runner(kind: str = "auto", limits: SandboxLimits | None = None) -> Runner:
+    """The runner for `kind`: "process", "auto" (process for now) or "docker" (not yet)."""
+    if kind in ("auto", "process"):
+        return ProcessRunner(limits)
+    if kind == "docker":
+        raise SandboxUnavailable("docker runner not available yet: use runner = 'process'")
+    raise ValueError(f"unknown sandbox runner {kind!r}: use 'auto', 'process' or 'docker'")
+
+
+@lru_cache(maxsize=1)
+def network_prefix() -> tuple[str, ...]:
+    """The command prefix that puts the child in an empty network namespace, if one works.
+
+    Probed once: `unshare --net` as root, `unshare --net --map-current-user` or
+    `unshare -rn` (a user namespace) otherwise. Without one the child keeps the host's
+    network, and a warning says so.
+    """
+    unshare = shutil.which("unshare")
+    candidates: list[tuple[str, ...]] = []
+    if unshare:
+        if os.geteuid() == 0:
+            candidates.append((unshare, "--net"))
+        candidates += [(unshare, "--net", "--map-current-user"), (unshare, "-rn")]
+    for prefix in candidates:
+        try:
+            probe = subprocess.run(
+                [*prefix, sys.executable, "-c", "import socket; socket.create_connection"],
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=20, check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if probe.returncode == 0:
+            return prefix
+    _warn_once("network", "process sandbox: cannot create a network namespace (unshare failed); "
+               "sandboxed programs keep the host's network")
+    return ()
+
+
+def _child_env(control: Path) -> dict[str, str]:
+    # Built from nothing: no host secrets (tokens, keys, proxies) reach the program.
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "PYTHONPATH": str(SOURCE_ROOT),
+        "HOME": str(control / "home"),
+        "TMPDIR": str(control / "tmp"),
+        "LANG": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONHASHSEED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+
+
+def _watchdog(pid: int, control: Path, limits: SandboxLimits, watch: _Watch) -> None:
+    """Kill the job's process group on a timeout, too much memory or a log flood."""
+    deadline = time.monotonic() + limits.timeout_s
+    log_cap = LOG_FLOOD_FACTOR * limits.max_log_bytes
+    logs = [control / "stdout.log", control / "stderr.log"]
+    while not watch.done.wait(POLL_S):
+        anon_mb = _group_anon_memory_mb(pid)
+        watch.peak_mb = max(watch.peak_mb, anon_mb)
+        if time.monotonic() > deadline:
+            watch.killed_for = "timeout"
+        elif anon_mb > limits.memory_mb:
+            watch.killed_for = "memory"
+        elif any(_size(path) > log_cap for path in logs):
+            watch.killed_for = "logs"
+        if watch.killed_for:
+            _kill_group(pid)
+            return
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_anon_memory_mb(pgid: int) -> float:
+    """Anonymous + shmem resident memory of every process in the group, from /proc.
+
+    File-backed pages (the memory-mapped weights) are left out: the kernel can drop them.
+    """
+    total_kb = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:  # fields after the command: state, ppid, pgrp, ...
+                continue
+            with open(f"/proc/{entry.name}/status") as status:
+                for line in status:
+                    if line.startswith(("RssAnon:", "RssShmem:")):
+                        total_kb += int(line.split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total_kb / 1024
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_log(path: Path, max_bytes: int) -> str:
+    """The log, or its head and tail around a marker when it is over `max_bytes`."""
+    size = _size(path)
+    with open(path, "rb") as f:
+        if size <= max_bytes:
+            return f.read().decode("utf-8", errors="replace")
+        half = max_bytes // 2
+        head = f.read(half)
+        f.seek(size - half)
+        tail = f.read(half)
+    marker = f"\n... [{size - 2 * half} bytes truncated] ...\n".encode()
+    return (head + marker + tail).decode("utf-8", errors="replace")
+
+
+def _tail(path: Path, max_chars: int = 500) -> str:
+    text = _read_log(path, 4 * max_chars).strip() if path.is_file() else ""
+    text = " | ".join(line for line in text.splitlines() if line.strip())
+    return text[-max_chars:] if text else "(no stderr)"
+
+
+def _install(model_dir: Path, out_dir: Path, staging: Path) -> str:
+    """Move the finished model to out_dir (replacing an old one); "ok" or what went wrong."""
+    if not (model_dir / "config.json").is_file() and not any(model_dir.glob("*.safetensors")):
+        return f"harness reported ok but wrote no model to {model_dir}"
+    if out_dir.exists() and not out_dir.is_dir():
+        return f"output path '{out_dir}' exists and is not a directory"
+    if out_dir.exists():
+        os.replace(out_dir, staging / "previous")
+    os.replace(model_dir, out_dir)
+    return "ok"
+
+
+def _warn_once(key: str, message: str) -> None:
+    with _warn_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log.warning(message)

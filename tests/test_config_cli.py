@@ -1,0 +1,149 @@
+"""Bad input gets one clear line and exit code 2, never a stack trace."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coevo.config import ConfigError, load_config, parse_config
+from coevo.prompts import PromptError, extract_program, format_exemplars, load_prompt
+from coevo.tasks import TaskFileError, load_tasks
+
+
+def coevo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coevo", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+
+
+def test_defaults_are_the_quickstart() -> None:
+    config = load_config(None)
+    assert config.session.iterations == 2
+    assert config.generator.programs_per_iteration == 64
+    assert config.dpo.enabled
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"sesion": {"iterations": 2}}, "sesion: unknown key"),
+        ({"session": {"iterations": 0}}, "session.iterations: Input should be greater than or equal to 1"),
+        ({"generator": {"backend": "gpt"}}, "generator.backend"),
+        ({"models": {"experts": ["a"]}}, "models.experts given without models.base"),
+        ({"sandbox": {"runner": "vm"}}, "sandbox.runner"),
+    ],
+)
+def test_invalid_configs_name_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, "my.toml")
+    assert str(err.value).startswith("my.toml: ")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_malformed_toml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[session\niterations = 2\n")
+    assert_one_line_error(coevo("launch", str(bad), "--workdir", str(tmp_path / "w")), "not valid TOML")
+
+
+def test_cli_unknown_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[generator]\nprograms = 3\n")
+    assert_one_line_error(coevo("launch", str(bad), "--workdir", str(tmp_path / "w")), "generator.programs: unknown key")
+
+
+def test_cli_missing_config_file(tmp_path: Path) -> None:
+    assert_one_line_error(coevo("launch", str(tmp_path / "nope.toml")), "not found")
+
+
+def test_cli_missing_model_dirs(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    tasks = tmp_path / "tasks" / "s"
+    tasks.mkdir(parents=True)
+    (tasks / "dev.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    (tasks / "test.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    cfg.write_text(
+        f'[models]\nbase = "{tmp_path / "missing_base"}"\nexperts = ["{tmp_path / "e1"}"]\n'
+        f'tasks = "{tmp_path / "tasks"}"\n[generator]\nmodel = "{tmp_path / "gen"}"\n'
+        '[sandbox]\nrunner = "process"\n'
+    )
+    proc = coevo("launch", str(cfg), "--workdir", str(tmp_path / "w"))
+    assert_one_line_error(proc, "missing_base")
+
+
+def test_cli_mismatched_experts(tmp_path: Path, tiny_models: dict) -> None:
+    from coevo.zoo.tiny import save_tiny_llama
+
+    other = save_tiny_llama(tmp_path / "wide", seed=3, hidden_size=32, intermediate_size=64)
+    cfg = tmp_path / "c.toml"
+    tasks = tmp_path / "tasks" / "s"
+    tasks.mkdir(parents=True)
+    for split in ("dev", "test"):
+        (tasks / f"{split}.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    cfg.write_text(
+        f'[models]\nbase = "{tiny_models["base"]}"\nexperts = ["{tiny_models["experts"][0]}", "{other}"]\n'
+        f'tasks = "{tmp_path / "tasks"}"\n[generator]\nmodel = "{tmp_path / "gen"}"\n'
+        '[sandbox]\nrunner = "process"\n'
+    )
+    proc = coevo("launch", str(cfg), "--workdir", str(tmp_path / "w"))
+    assert_one_line_error(proc, "expert 'wide'")
+
+
+def test_cli_resume_with_nothing_to_resume(tmp_path: Path) -> None:
+    assert_one_line_error(coevo("launch", "--resume", "--workdir", str(tmp_path)), "nothing to resume")
+
+
+def test_cli_sql_without_archive(tmp_path: Path) -> None:
+    assert_one_line_error(coevo("sql", "--workdir", str(tmp_path), "-c", "select 1"), "no archive")
+
+
+def test_print_config_applies_overrides(tmp_path: Path) -> None:
+    proc = coevo("launch", "--print-config", "--iterations", "3", "--programs", "8")
+    assert proc.returncode == 0, proc.stderr
+    resolved = json.loads(proc.stdout)
+    assert resolved["session"]["iterations"] == 3
+    assert resolved["generator"]["programs_per_iteration"] == 8
+
+
+def test_prompts_list_and_show() -> None:
+    proc = coevo("prompts", "list")
+    assert proc.returncode == 0 and "generator" in proc.stdout and "$exemplars" in proc.stdout
+    proc = coevo("prompts", "show", "generator")
+    assert proc.returncode == 0 and "def merge" in proc.stdout
+    assert_one_line_error(coevo("prompts", "show", "nosuch"), "no prompt 'nosuch'")
+
+
+def test_prompt_rendering_and_extraction(tmp_path: Path) -> None:
+    prompt = load_prompt("generator")
+    text = prompt.render(n_experts=3, exemplars=format_exemplars([("def merge(): pass", 41.5)]))
+    assert "Score 41.5" in text and text.rstrip().endswith("```python")
+    assert extract_program("x = 1\n```\ntrailing") == "x = 1\n"
+    (tmp_path / "generator.md").write_text("no placeholders here\n")
+    with pytest.raises(PromptError, match="lacks placeholder"):
+        load_prompt("generator", tmp_path)
+
+
+def test_task_files_errors(tmp_path: Path) -> None:
+    with pytest.raises(TaskFileError, match="does not exist"):
+        load_tasks(tmp_path / "none")
+    (tmp_path / "skill").mkdir()
+    (tmp_path / "skill" / "dev.jsonl").write_text('{"prompt": "p", "answer": "a"}\nnot json\n')
+    (tmp_path / "skill" / "test.jsonl").write_text("")
+    with pytest.raises(TaskFileError, match=r"dev.jsonl:2: not JSON"):
+        load_tasks(tmp_path)
+    (tmp_path / "skill" / "dev.jsonl").write_text('{"prompt": "p", "answer": 3}\n')
+    with pytest.raises(TaskFileError, match="needs string fields"):
+        load_tasks(tmp_path)
