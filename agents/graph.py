@@ -27,12 +27,12 @@ from agents.backends import LLMBackend
 from agents.dpo import DPOSettings, make_preference_pairs, train_dpo
 from agents.judge import Judge, mean_score
 from archive_store import Archive
+from coevo.baselines import baseline_merge
 from coevo.config import Config
 from coevo.prompts import Prompt, extract_program, format_exemplars
 from coevo.tasks import Task
 from coevo.ui import progress, say
-from merging import make_merge_fn, merge_models
-from sandbox.policy import check_program, code_hash, normalise
+from sandbox.policy import check_program, code_hash
 from sandbox.runner import MergeJob, Runner, run_many
 
 log = logging.getLogger("coevo.session")
@@ -109,28 +109,33 @@ class SessionContext:
 
 
 def baselines(state: SessionState, ctx: SessionContext) -> SessionState:
-    """Score base, experts and built-in merges on dev and test: the bar to beat."""
+    """Score base, experts and reference merges on dev and test: the bar to beat."""
     sid = ctx.session_id
+    experts = [f"{sid}/expert/{p.name}" for p in ctx.expert_dirs]
     models = [(f"{sid}/base", "base", "base", ctx.base_dir, None)]
-    models += [(f"{sid}/expert/{p.name}", "expert", p.name, p, None) for p in ctx.expert_dirs]
+    models += [(m, "expert", p.name, p, None) for m, p in zip(experts, ctx.expert_dirs, strict=True)]
     models += [(f"{sid}/baseline/{m}", "baseline", m, ctx.model_dir(f"{sid}/baseline/{m}"), m) for m in BASELINE_METHODS]
     scored_ids = ctx.archive.existing_ids("evaluations", "model_id", [m[0] for m in models])
-    tasks = ctx.split("dev") + ctx.split("test")
+    dev, test = ctx.split("dev"), ctx.split("test")
     with progress("baselines", len(models)) as advance:
         for model_id, kind, name, path, method in models:
             if model_id in scored_ids:
                 advance()
                 continue
             if method is not None:
-                merge_models(make_merge_fn(method), ctx.base_dir, ctx.expert_dirs, path, include=ctx.config.models.include or None)
-            scored = ctx.judge.score(path, tasks)
+                params = baseline_merge(
+                    method, ctx.base_dir, ctx.expert_dirs, path, judge=ctx.judge, dev_tasks=dev,
+                    include=ctx.config.models.include or None,
+                )
+                name += "".join(f"({k}={v})" for k, v in params.items())
+            scored = ctx.judge.score(path, dev + test)
             with ctx.archive.transaction():
                 ctx.archive.add_models([{
                     "model_id": model_id, "session_id": sid, "kind": kind, "name": name, "path": str(path),
-                    "parent_ids": [f"{sid}/base"] + ([f"{sid}/expert/{p.name}" for p in ctx.expert_dirs] if method else []),
+                    "parent_ids": [f"{sid}/base", *experts] if method else [],
                 }])
-                ctx.archive.add_evaluations(_evaluation_rows(ctx, model_id, tasks, scored))
-            advance(info=f"{name}: dev {mean_score(scored[: len(ctx.split('dev'))]):.1f}")
+                ctx.archive.add_evaluations(_evaluation_rows(ctx, model_id, dev + test, scored))
+            advance(info=f"{name}: dev {mean_score(scored[: len(dev)]):.1f}")
     return {}
 
 
@@ -140,7 +145,7 @@ def propose(state: SessionState, ctx: SessionContext) -> SessionState:
     exemplars = ctx.archive.top_algorithms(ctx.session_id, cfg.exemplars, max_iteration=it - 1) if cfg.exemplars else []
     prompt_text = ctx.prompt.render(
         n_experts=len(ctx.expert_dirs),
-        exemplars=format_exemplars([(e["code"], e["dev_score"]) for e in exemplars]),
+        exemplars=format_exemplars([(e["code"], 100 * e["dev_score"]) for e in exemplars]),
     )
     temperature = ctx.temperature(it)
     say(f"[iteration {it}] generator v{state['generator_version']}: sampling {cfg.programs_per_iteration} programs at T={temperature:.2f}")
@@ -175,10 +180,7 @@ def vet(state: SessionState, ctx: SessionContext) -> SessionState:
     for proposal in state["proposals"]:
         code = extract_program(proposal["completion"])
         verdict = check_program(code, max_bytes=16_000)
-        try:
-            normalized = code_hash(code)
-        except SyntaxError:
-            normalized = "unparsable:" + _sha(code)
+        normalized = code_hash(code)
         duplicate_of = seen.get(normalized) if verdict.ok else None
         if verdict.ok and duplicate_of is None:
             seen[normalized] = proposal["algorithm_id"]
@@ -274,8 +276,8 @@ def select(state: SessionState, ctx: SessionContext) -> SessionState:
         "select * from iteration_stats where session_id = ? and iteration = ?", [ctx.session_id, it]
     )
     for row in stats:
-        mean = "-" if row["mean_dev"] is None else f"{row['mean_dev']:.1f}"
-        top = "-" if row["max_dev"] is None else f"{row['max_dev']:.1f}"
+        mean = "-" if row["mean_dev"] is None else f"{100 * row['mean_dev']:.1f}"
+        top = "-" if row["max_dev"] is None else f"{100 * row['max_dev']:.1f}"
         say(f"  iteration {it}: {row['n_executable']}/{row['n_programs']} executable, mean dev {mean}, best {top}")
     return {}
 

@@ -135,7 +135,7 @@ def cmd_review(args: argparse.Namespace) -> int:
             if not rows:
                 raise ArchiveError(f"no algorithm {args.id!r} in the archive")
             row = rows[0]
-            fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+            fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
             print(f"algorithm  {row['algorithm_id']}")
             print(f"iteration  {row['iteration']}  generator v{row['generator_version']}  T={row['temperature']:.2f}")
             print(f"outcome    {row['outcome']}")
@@ -166,7 +166,7 @@ def cmd_review(args: argparse.Namespace) -> int:
         print(f"session {session}: {len(rows)} algorithms (best first; `coevo review show ID` for one)")
         print(f"  {'algorithm':38} {'iter':>4} {'gen':>3} {'outcome':20} {'dev':>6} {'test':>6}")
         for algorithm_id, iteration, version, outcome, dev, test in rows:
-            fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+            fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
             print(f"  {algorithm_id:38} {iteration:>4} {version:>3} {outcome or '-':20} {fmt(dev):>6} {fmt(test):>6}")
     return 0
 

@@ -147,11 +147,11 @@ def format_report(archive: Archive, session_id: str) -> str:
             "select dev_score from algorithm_scores where session_id = ? and iteration = ? and dev_score is not null "
             "order by dev_score desc limit 3", [session_id, row["iteration"]],
         )[1]
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
         lines.append(
             f"  {row['iteration']:>4} {row['generator_version']:>3} {row['n_programs']:>8} {row['n_executable']:>10} "
             f"{100 * row['executable_rate']:>5.0f}% {fmt(row['mean_dev']):>6} {fmt(row['median_dev']):>6} "
-            f"{', '.join(f'{s:.1f}' for (s,) in top3):>17}"
+            f"{', '.join(f'{100 * s:.1f}' for (s,) in top3):>17}"
         )
     lines += ["", "Inspect: coevo review; coevo sql -c \"select * from leaderboard limit 10\""]
     return "\n".join(lines)

@@ -23,7 +23,7 @@ def progress(description: str, total: int) -> Iterator[Callable[..., None]]:
             nonlocal done
             before, done = done, done + n
             if done // step != before // step or done == total:
-                console.print(f"  {description}: {done}/{total} {info}".rstrip())
+                console.print(f"  {description}: {done}/{total} {info}".rstrip(), markup=False)
 
         yield advance_plain
         return
@@ -45,7 +45,7 @@ def progress(description: str, total: int) -> Iterator[Callable[..., None]]:
 
 
 def say(message: str) -> None:
-    console.print(message)
+    console.print(message, markup=False)
 
 
 def fail(message: str, code: int = 2) -> int:

@@ -26,6 +26,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -39,7 +40,7 @@ from RestrictedPython.Guards import (
     safer_getattr_raise,
 )
 
-from sandbox.policy import ALLOWED_MODULES, BANNED_ATTRS, TORCH_BANNED_ATTRS, check_program
+from sandbox.policy import ALLOWED_MODULES, BANNED_ATTRS, check_program, torch_attr_banned
 
 MAX_REASON_CHARS = 500
 MIB = 1024 * 1024
@@ -50,19 +51,27 @@ MIB = 1024 * 1024
 EXTRA_BUILTINS: dict[str, Any] = {
     name: getattr(builtins, name)
     for name in (
-        "range", "len", "sum", "min", "max", "abs", "sorted", "enumerate", "zip", "float",
-        "int", "list", "tuple", "dict", "set", "frozenset", "isinstance", "reversed", "any",
-        "all", "round", "pow", "map", "filter", "bool", "str", "divmod", "iter", "next",
-    )
+        "range len sum min max abs sorted enumerate zip float int list tuple dict set "
+        "frozenset isinstance reversed any all round pow map filter bool str divmod iter next"
+    ).split()
 }
 # Taken out of safe_builtins: class creation and attribute writes are not part of the contract.
 REMOVED_BUILTINS = ("__build_class__", "setattr", "delattr", "_getattr_")
 
 _INPLACE_OPS: dict[str, Callable[[Any, Any], Any]] = {
-    "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
-    "//=": operator.ifloordiv, "%=": operator.imod, "**=": operator.ipow,
-    "@=": operator.imatmul, "&=": operator.iand, "|=": operator.ior, "^=": operator.ixor,
-    "<<=": operator.ilshift, ">>=": operator.irshift,
+    "+=": operator.iadd,
+    "-=": operator.isub,
+    "*=": operator.imul,
+    "/=": operator.itruediv,
+    "//=": operator.ifloordiv,
+    "%=": operator.imod,
+    "**=": operator.ipow,
+    "@=": operator.imatmul,
+    "&=": operator.iand,
+    "|=": operator.ior,
+    "^=": operator.ixor,
+    "<<=": operator.ilshift,
+    ">>=": operator.irshift,
 }
 
 _OOM_MARKERS = ("can't allocate memory", "defaultcpuallocator", "out of memory")
@@ -103,14 +112,14 @@ def apply_limits(limits: dict[str, Any]) -> None:
     RLIMIT_FSIZE caps every file written (merged shards, logs), with SIGXFSZ ignored so an
     oversized write fails with an OSError instead of killing the process. RLIMIT_CPU is a
     backstop for a runner that dies before its wall-clock kill. RLIMIT_NPROC counts all
-    processes of the user and is not enforced for root, so it is set only for other users,
-    on top of what the user already runs.
+    processes of the user and is not enforced for root (of the initial user namespace), so it
+    is set only for other users, on top of what the user already runs.
     """
     _lower(resource.RLIMIT_CORE, 0)
     _lower(resource.RLIMIT_DATA, int(limits["memory_mb"]) * MIB)
     _lower(resource.RLIMIT_FSIZE, int(limits["max_output_mb"]) * MIB)
     _lower(resource.RLIMIT_CPU, int(math.ceil(float(limits["timeout_s"]))) * 2 + 10)
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or _in_user_namespace():
         _lower(resource.RLIMIT_NPROC, _user_process_count() + int(limits["max_processes"]))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
@@ -120,6 +129,14 @@ def _lower(limit: int, value: int) -> None:
         if current != resource.RLIM_INFINITY:
             value = min(value, current)
     resource.setrlimit(limit, (value, value))
+
+
+def _in_user_namespace() -> bool:
+    # The initial namespace maps all uids 1:1; `unshare -r` maps only the caller's uid to 0.
+    try:
+        return Path("/proc/self/uid_map").read_text().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
 
 
 def _user_process_count() -> int:
@@ -141,9 +158,7 @@ def run_job(job: dict[str, Any]) -> tuple[str, str]:
         return "rejected_by_policy", f"{verdict.rule}: {verdict.reason}"
     try:
         merge = load_program(job["source"])
-    except MemoryError:
-        return "memory_exceeded", "MemoryError while loading the program"
-    except Exception as err:  # the program's top level ran and failed
+    except BaseException as err:  # the program's top level ran and failed, SystemExit included
         return _classify(err)
 
     import merging
@@ -183,7 +198,10 @@ def run_job(job: dict[str, Any]) -> tuple[str, str]:
 
 def load_program(source: str) -> Callable[..., Any]:
     """Execute the program's top level under RestrictedPython and return its `merge`."""
-    code = compile_restricted(source, "<program>", "exec")
+    with warnings.catch_warnings():
+        # "Prints, but never reads 'printed'": printing to the log is what programs mean.
+        warnings.simplefilter("ignore", SyntaxWarning)
+        code = compile_restricted(source, "<program>", "exec")
     namespace = restricted_globals()
     exec(code, namespace)
     merge = namespace.get("merge")
@@ -219,16 +237,12 @@ def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
     if isinstance(obj, ModuleType):
         if obj.__name__ not in ALLOWED_MODULES:
             raise AttributeError(f"module '{obj.__name__}' is not allowed in merge programs")
-        if obj.__name__ == "torch" and _torch_attr_banned(name):
+        if obj.__name__ == "torch" and torch_attr_banned(name):
             raise AttributeError(f"'torch.{name}' is not allowed in merge programs")
     value = safer_getattr_raise(obj, name, *default)
     if isinstance(value, ModuleType) and value.__name__ not in ALLOWED_MODULES:
         raise AttributeError(f"module '{value.__name__}' is not allowed in merge programs")
     return value
-
-
-def _torch_attr_banned(name: str) -> bool:
-    return name in TORCH_BANNED_ATTRS or name.startswith("set_") or name.endswith("Storage")
 
 
 def guarded_import(

@@ -26,30 +26,34 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from RestrictedPython import compile_restricted
 
 ALLOWED_MODULES = frozenset(
-    {"torch", "torch.nn", "torch.nn.functional", "torch.linalg", "torch.fft", "torch.special",
-     "math", "itertools"}
+    (
+        "torch torch.nn torch.nn.functional torch.linalg torch.fft torch.special math itertools"
+    ).split()
 )
 
 BANNED_NAMES = frozenset(
-    {"exec", "eval", "compile", "open", "globals", "locals", "vars", "getattr", "setattr",
-     "delattr", "hasattr", "__import__", "input", "breakpoint", "exit", "quit", "help", "dir",
-     "memoryview", "type", "object", "super", "classmethod", "staticmethod", "property",
-     "license", "credits", "copyright"}
+    (
+        "exec eval compile open globals locals vars getattr setattr delattr hasattr "
+        "__import__ input breakpoint exit quit help dir memoryview type object super "
+        "classmethod staticmethod property license credits copyright"
+    ).split()
 )
 
 # Top-level torch attributes that reach files, compiled code, devices or global state.
 TORCH_BANNED_ATTRS = frozenset(
-    {"load", "save", "hub", "ops", "classes", "utils", "jit", "compile", "cuda", "from_file",
-     "backends", "library", "distributed", "multiprocessing", "serialization", "package", "fx",
-     "export", "onnx", "profiler", "autograd", "testing", "overrides", "storage", "futures",
-     "monitor", "mps", "xpu", "mtia", "cpu", "func", "compiler", "dynamo", "inductor",
-     "accelerator", "sparse", "nested", "quantization", "ao", "random", "amp"}
+    (
+        "load save hub ops classes utils jit compile cuda from_file backends library "
+        "distributed multiprocessing serialization package fx export onnx profiler autograd "
+        "testing overrides storage futures monitor mps xpu mtia cpu func compiler dynamo "
+        "inductor accelerator sparse nested quantization ao random amp"
+    ).split()
 )
 TORCH_BANNED_PREFIXES = ("set_",)
 TORCH_BANNED_SUFFIXES = ("Storage",)
@@ -57,11 +61,12 @@ TORCH_BANNED_SUFFIXES = ("Storage",)
 # Attributes banned on any object: file and foreign-array escapes, and frame / code
 # introspection (RestrictedPython blocks most of the latter too; kept here for a clear verdict).
 BANNED_ATTRS = frozenset(
-    {"load", "save", "numpy", "tofile", "dump", "dumps", "from_file", "storage",
-     "untyped_storage", "format", "format_map", "mro", "tb_frame", "tb_next", "f_back",
-     "f_builtins", "f_code", "f_generator", "f_globals", "f_locals", "f_trace", "co_code",
-     "gi_frame", "gi_code", "gi_yieldfrom", "cr_await", "cr_frame", "cr_code", "cr_origin",
-     "ag_await", "ag_frame", "ag_code", "func_globals", "func_code"}
+    (
+        "load save numpy tofile dump dumps from_file storage untyped_storage format "
+        "format_map mro tb_frame tb_next f_back f_builtins f_code f_generator f_globals "
+        "f_locals f_trace co_code gi_frame gi_code gi_yieldfrom cr_await cr_frame cr_code "
+        "cr_origin ag_await ag_frame ag_code func_globals func_code"
+    ).split()
 )
 
 _ATTR_BUILTINS = frozenset({"getattr", "setattr", "delattr", "hasattr"})
@@ -93,7 +98,9 @@ def check_program(source: str, *, max_bytes: int = 16_000) -> PolicyVerdict:
         if problem is not None:
             return _reject(rule, problem)
     try:
-        compile_restricted(source, "<program>", "exec")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)
+            compile_restricted(source, "<program>", "exec")
     except SyntaxError as err:
         return _reject("restricted_python", str(err).replace("\n", "; ")[:500])
     return PolicyVerdict(ok=True, rule=None, reason="ok")
@@ -178,7 +185,7 @@ def _check_imports(tree: ast.AST) -> str | None:
                     return f"'from {module} import *' is not allowed{_where(node)}"
                 if full in ALLOWED_MODULES:
                     continue
-                if module == "torch" and _torch_attr_banned(alias.name):
+                if module == "torch" and torch_attr_banned(alias.name):
                     return f"'from torch import {alias.name}' is not allowed{_where(node)}"
     return None
 
@@ -218,7 +225,8 @@ def _check_banned_names(tree: ast.AST) -> str | None:
     return None
 
 
-def _torch_attr_banned(attr: str) -> bool:
+def torch_attr_banned(attr: str) -> bool:
+    """Whether `torch.<attr>` leaves the tensor world (files, compiled code, devices, state)."""
     return (
         attr in TORCH_BANNED_ATTRS
         or attr.startswith(TORCH_BANNED_PREFIXES)
@@ -227,17 +235,19 @@ def _torch_attr_banned(attr: str) -> bool:
 
 
 def _torch_aliases(tree: ast.AST) -> set[str]:
-    aliases = set()
+    aliases: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name == "torch" or (alias.asname is None and alias.name.startswith("torch.")):
+                if alias.name == "torch" or (
+                    alias.asname is None and alias.name.startswith("torch.")
+                ):
                     aliases.add(alias.asname or "torch")
     return aliases
 
 
 def _module_aliases(tree: ast.AST) -> set[str]:
-    aliases = set()
+    aliases: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             aliases.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
@@ -256,9 +266,7 @@ def _check_banned_attrs(tree: ast.AST) -> str | None:
     # A module used as a plain value (`t = torch`, `f(torch)`) would hide later attribute
     # accesses from this check; the harness guards them at runtime too, but reject early.
     modules = _module_aliases(tree)
-    attribute_bases = {
-        id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-    }
+    attribute_bases = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and node.id in modules and id(node) not in attribute_bases:
             return f"module '{node.id}' may only be used as '{node.id}.<attribute>'{_where(node)}"
@@ -267,7 +275,7 @@ def _check_banned_attrs(tree: ast.AST) -> str | None:
         if (
             isinstance(node.value, ast.Name)
             and node.value.id in torch_names
-            and _torch_attr_banned(node.attr)
+            and torch_attr_banned(node.attr)
         ):
             return f"'{node.value.id}.{node.attr}' is not allowed{_where(node)}"
         if node.attr in BANNED_ATTRS:

@@ -175,13 +175,18 @@ class ProcessRunner:
             staging = Path(tempfile.mkdtemp(prefix=f".sandbox-{out_dir.name}-", dir=out_dir.parent))
             verdict, reason, peak_mb = self._run_harness(job, control, staging / "model")
             if verdict == "ok":
-                reason = _install(staging / "model", out_dir, staging) or reason
-                verdict = "ok" if reason == "ok" else "sandbox_error"
+                problem = _install(staging / "model", out_dir, staging)
+                if problem is not None:
+                    verdict, reason = "sandbox_error", problem
             stdout = _read_log(control / "stdout.log", self.limits.max_log_bytes)
             stderr = _read_log(control / "stderr.log", self.limits.max_log_bytes)
         except OSError as err:
             verdict, reason, peak_mb, stdout, stderr = (
-                "sandbox_error", f"sandbox setup failed: {err}", 0.0, "", ""
+                "sandbox_error",
+                f"sandbox setup failed: {err}",
+                0.0,
+                "",
+                "",
             )
         finally:
             shutil.rmtree(control, ignore_errors=True)
@@ -209,7 +214,13 @@ class ProcessRunner:
             (control / sub).mkdir()
         command = [
             *network_prefix(),
-            sys.executable, "-s", "-B", "-X", "faulthandler", "-m", "sandbox.harness",
+            sys.executable,
+            "-s",
+            "-B",
+            "-X",
+            "faulthandler",
+            "-m",
+            "sandbox.harness",
             str(job_file),
         ]
         with open(control / "stdout.log", "wb") as out, open(control / "stderr.log", "wb") as err:
@@ -307,14 +318,20 @@ def network_prefix() -> tuple[str, ...]:
         try:
             probe = subprocess.run(
                 [*prefix, sys.executable, "-c", "import socket; socket.create_connection"],
-                stdin=subprocess.DEVNULL, capture_output=True, timeout=20, check=False,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=20,
+                check=False,
             )
         except (OSError, subprocess.TimeoutExpired):
             continue
         if probe.returncode == 0:
             return prefix
-    _warn_once("network", "process sandbox: cannot create a network namespace (unshare failed); "
-               "sandboxed programs keep the host's network")
+    _warn_once(
+        "network",
+        "process sandbox: cannot create a network namespace (unshare failed); "
+        "sandboxed programs keep the host's network",
+    )
     return ()
 
 
@@ -412,16 +429,16 @@ def _tail(path: Path, max_chars: int = 500) -> str:
     return text[-max_chars:] if text else "(no stderr)"
 
 
-def _install(model_dir: Path, out_dir: Path, staging: Path) -> str:
-    """Move the finished model to out_dir (replacing an old one); "ok" or what went wrong."""
-    if not (model_dir / "config.json").is_file() and not any(model_dir.glob("*.safetensors")):
+def _install(model_dir: Path, out_dir: Path, staging: Path) -> str | None:
+    """Move the finished model to out_dir (replacing an old one); None, or what went wrong."""
+    if not model_dir.is_dir() or not any(model_dir.glob("*.safetensors")):
         return f"harness reported ok but wrote no model to {model_dir}"
     if out_dir.exists() and not out_dir.is_dir():
         return f"output path '{out_dir}' exists and is not a directory"
     if out_dir.exists():
         os.replace(out_dir, staging / "previous")
     os.replace(model_dir, out_dir)
-    return "ok"
+    return None
 
 
 def _warn_once(key: str, message: str) -> None:

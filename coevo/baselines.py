@@ -1,0 +1,47 @@
+"""Reference merges the generated algorithms are compared with.
+
+Task arithmetic's scaling factor is chosen on the dev split from a small grid, as the
+papers do (Ilharco et al. tune lambda on validation data); TIES uses its usual defaults.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from agents.judge import Judge, mean_score
+from coevo.tasks import Task
+from merging import make_merge_fn, merge_models
+
+TA_SCALES = (0.3, 0.5, 0.7, 1.0)
+
+
+def baseline_merge(
+    method: str,
+    base_dir: Path,
+    expert_dirs: list[Path],
+    out_dir: Path,
+    *,
+    judge: Judge,
+    dev_tasks: Sequence[Task],
+    include: str | None = None,
+) -> dict[str, float]:
+    """Write the reference merge `method` to out_dir; returns the parameters used."""
+    if method != "task_arithmetic":
+        merge_models(make_merge_fn(method), base_dir, expert_dirs, out_dir, include=include)
+        return {}
+    best: tuple[float, float] | None = None
+    for scale in TA_SCALES:
+        candidate = out_dir.with_name(f"{out_dir.name}.scale{scale}")
+        merge_models(make_merge_fn(method, scale=scale), base_dir, expert_dirs, candidate, include=include)
+        score = mean_score(judge.score(candidate, dev_tasks))
+        if best is None or score > best[0]:
+            best = (score, scale)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            candidate.rename(out_dir)
+        else:
+            shutil.rmtree(candidate)
+    assert best is not None
+    return {"scale": best[1]}
