@@ -147,3 +147,23 @@ def test_task_files_errors(tmp_path: Path) -> None:
     (tmp_path / "skill" / "dev.jsonl").write_text('{"prompt": "p", "answer": 3}\n')
     with pytest.raises(TaskFileError, match="needs string fields"):
         load_tasks(tmp_path)
+
+
+def test_cli_sandbox_run_json_contract(tmp_path: Path, tiny_models: dict) -> None:
+    program = tmp_path / "p.py"
+    program.write_text("import torch\n\ndef merge(task_vectors, *, name, base):\n    return sum(task_vectors) * 0.5\n")
+    experts = [arg for e in tiny_models["experts"] for arg in ("--expert", str(e))]
+    proc = coevo("sandbox", "run", str(program), "--base", str(tiny_models["base"]), *experts,
+                 "--out", str(tmp_path / "out"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["verdict"] == "ok" and result["duration_s"] > 0 and result["peak_memory_mb"] > 0
+    assert (tmp_path / "out" / "config.json").is_file()
+
+    program.write_text("import os\n\ndef merge(task_vectors, *, name, base):\n    return base\n")
+    proc = coevo("sandbox", "run", str(program), "--base", str(tiny_models["base"]), *experts,
+                 "--out", str(tmp_path / "out2"), "--json")
+    assert proc.returncode == 0
+    result = json.loads(proc.stdout)
+    assert result["verdict"] == "rejected_by_policy" and "os" in result["reason"]
+    assert not (tmp_path / "out2").exists()
