@@ -112,7 +112,7 @@ def baselines(state: SessionState, ctx: SessionContext) -> SessionState:
     """Score base, experts and reference merges on dev and test: the bar to beat."""
     sid = ctx.session_id
     experts = [f"{sid}/expert/{p.name}" for p in ctx.expert_dirs]
-    models = [(f"{sid}/base", "base", "base", ctx.base_dir, None)]
+    models: list[tuple[str, str, str, Path, str | None]] = [(f"{sid}/base", "base", "base", ctx.base_dir, None)]
     models += [(m, "expert", p.name, p, None) for m, p in zip(experts, ctx.expert_dirs, strict=True)]
     models += [(f"{sid}/baseline/{m}", "baseline", m, ctx.model_dir(f"{sid}/baseline/{m}"), m) for m in BASELINE_METHODS]
     scored_ids = ctx.archive.existing_ids("evaluations", "model_id", [m[0] for m in models])

@@ -43,7 +43,8 @@ class Judge:
     ) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(base_dir).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        self.model = model.to(device).eval()  # type: ignore[arg-type]
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.loaded: Path | None = Path(base_dir)

@@ -158,14 +158,14 @@ def cmd_review(args: argparse.Namespace) -> int:
         if args.outcome:
             where += " and outcome = ?"
             params.append(args.outcome)
-        rows = archive.query(
+        listing = archive.query(
             f"select algorithm_id, iteration, generator_version, outcome, dev_score, test_score "
             f"from algorithm_scores {where} order by dev_score desc nulls last, algorithm_id limit ?",
             [*params, args.limit],
         )[1]
-        print(f"session {session}: {len(rows)} algorithms (best first; `coevo review show ID` for one)")
+        print(f"session {session}: {len(listing)} algorithms (best first; `coevo review show ID` for one)")
         print(f"  {'algorithm':38} {'iter':>4} {'gen':>3} {'outcome':20} {'dev':>6} {'test':>6}")
-        for algorithm_id, iteration, version, outcome, dev, test in rows:
+        for algorithm_id, iteration, version, outcome, dev, test in listing:
             fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
             print(f"  {algorithm_id:38} {iteration:>4} {version:>3} {outcome or '-':20} {fmt(dev):>6} {fmt(test):>6}")
     return 0

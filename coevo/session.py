@@ -70,11 +70,11 @@ def run_session(config: Config | None, workdir: Path, *, resume: bool = False) -
         else:
             config = config or Config()
             session_id = time.strftime("%Y%m%d-%H%M%S") + f"-s{config.seed}"
+        base, experts, tasks_dir, zoo_generator, task_set = _resolve_models(config, config.sandbox.runner)
+        check_compatible(base, experts)
         limits = SandboxLimits(timeout_s=config.sandbox.timeout_s, memory_mb=config.sandbox.memory_mb)
         runner = make_runner(config.sandbox.runner, limits)
         say(f"[session] sandbox runner: {runner.name}")
-        base, experts, tasks_dir, zoo_generator, task_set = _resolve_models(config, config.sandbox.runner)
-        check_compatible(base, experts)
         tasks = load_tasks(tasks_dir)
         generator_dir = Path(config.generator.model) if config.generator.model else zoo_generator
         if generator_dir is None:

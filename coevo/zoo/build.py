@@ -61,7 +61,9 @@ def ensure_zoo(zoo_dir: Path, *, seed: int, runner_kind: str = "auto") -> Path:
     """The zoo at zoo_dir, built first if it is missing or from another zoo version."""
     if zoo_manifest(zoo_dir) is None:
         say(f"[zoo] building the embedded tiny zoo in {zoo_dir} (first launch only)")
-        build_zoo(zoo_dir, seed=seed, runner_kind=runner_kind)
+        manifest = build_zoo(zoo_dir, seed=seed, runner_kind=runner_kind)
+        for name, passed, detail in zoo_checks(manifest):
+            say(f"[zoo] {'PASS' if passed else 'FAIL'} {name}: {detail}")
     return Path(zoo_dir)
 
 
