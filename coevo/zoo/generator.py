@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from coevo.prompts import Prompt, format_exemplars
 from coevo.zoo.programs import random_program
-from coevo.zoo.tiny import SPECIAL_TOKENS, tiny_llama_config
+from coevo.zoo.tiny import SPECIAL_TOKENS, tiny_llama_config, wrap_tokenizer
 from coevo.zoo.train import encode_pairs, train_lm
 
 FENCE_END = "```"
@@ -37,14 +37,7 @@ def bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
+    return wrap_tokenizer(backend)
 
 
 def build_generator(

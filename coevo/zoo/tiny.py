@@ -21,6 +21,11 @@ def char_tokenizer(charset: str = CHARSET) -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
+    return wrap_tokenizer(backend)
+
+
+def wrap_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer around a `tokenizers` one, with coevo's special tokens."""
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
