@@ -1,9 +1,12 @@
 """Does DPO on the generator raise the mean dev score of executable programs?
 
+`--no-dpo` is the control: the same temperature schedule without the DPO update, which
+separates the effect of DPO from that of the lower sampling temperature.
+
 Runs the quickstart session (embedded zoo) for several seeds and prints, per seed and
 iteration, the executable rate and the mean / top-3 dev score, plus first -> last deltas.
 
-    python bench/selfdev_seeds.py --seeds 0 1 2 [--iterations 2] [--programs 64] [--out DIR]
+    python bench/selfdev_seeds.py --seeds 0 1 2 [--iterations 2] [--programs 64] [--out DIR] [--no-dpo]
 """
 
 from __future__ import annotations
@@ -24,14 +27,20 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--programs", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None, help="keep workdirs here")
+    parser.add_argument("--no-dpo", action="store_true", help="control: same sampling schedule, no DPO update")
     args = parser.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="selfdev-seeds-"))
+    root.mkdir(parents=True, exist_ok=True)
+    config = []
+    if args.no_dpo:
+        (root / "no_dpo.toml").write_text("[dpo]\nenabled = false\n")
+        config = [str(root / "no_dpo.toml")]
     deltas = []
     print(f"{'seed':>4} {'iter':>4} {'exec':>6} {'mean':>6} {'top3':>6}")
     for seed in args.seeds:
         workdir = root / f"seed{seed}"
         subprocess.run(
-            [sys.executable, "-m", "coevo", "launch", "--workdir", str(workdir), "--seed", str(seed),
+            [sys.executable, "-m", "coevo", "launch", *config, "--workdir", str(workdir), "--seed", str(seed),
              "--iterations", str(args.iterations), "--programs", str(args.programs)],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
