@@ -140,7 +140,7 @@ def cmd_review(args: argparse.Namespace) -> int:
             print(f"iteration  {row['iteration']}  generator v{row['generator_version']}  T={row['temperature']:.2f}")
             print(f"outcome    {row['outcome']}")
             reason = row["policy_reason"] if not row["policy_ok"] else row["reason"]
-            if reason:
+            if reason and row["outcome"] != "ok":
                 print(f"reason     {reason}")
             if row["duplicate_of"]:
                 print(f"duplicate  of {row['duplicate_of']}")
