@@ -13,7 +13,6 @@ archive already holds, so a session killed anywhere resumes with nothing lost or
 from __future__ import annotations
 
 import functools
-import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -26,18 +25,15 @@ from langgraph.graph import END, START, StateGraph
 from agents.backends import LLMBackend
 from agents.dpo import DPOSettings, make_preference_pairs, train_dpo
 from agents.judge import Judge, mean_score
-from archive_store import Archive
+from archive_store import Archive, prompt_hash
 from coevo.baselines import baseline_merge
 from coevo.config import Config
-from coevo.prompts import Prompt, extract_program, format_exemplars
+from coevo.prompts import FENCE, Prompt, completion_text, extract_program, format_exemplars
 from coevo.tasks import Task
-from coevo.ui import progress, say
+from coevo.ui import percent, progress, say
 from sandbox.policy import check_program, code_hash
 from sandbox.runner import MergeJob, Runner, run_many
 
-log = logging.getLogger("coevo.session")
-
-FENCE = "```"
 BASELINE_METHODS = ("task_arithmetic", "ties")
 
 
@@ -176,7 +172,7 @@ def vet(state: SessionState, ctx: SessionContext) -> SessionState:
         "and duplicate_of is null group by 1", [sid, it],
     )[1])
     rows, to_execute = [], []
-    prompt_hash = ctx.archive.add_prompt("generator", ctx.prompt.name, state["prompt_text"])
+    rendered_hash = ctx.archive.add_prompt("generator", ctx.prompt.name, state["prompt_text"])
     for proposal in state["proposals"]:
         code = extract_program(proposal["completion"])
         verdict = check_program(code, max_bytes=16_000)
@@ -188,8 +184,8 @@ def vet(state: SessionState, ctx: SessionContext) -> SessionState:
         rows.append({
             "algorithm_id": proposal["algorithm_id"], "session_id": sid, "iteration": it,
             "sample_index": proposal["sample_index"], "generator_version": state["generator_version"],
-            "prompt_hash": prompt_hash, "temperature": proposal["temperature"], "code": code,
-            "code_hash": _sha(code), "normalized_hash": normalized, "duplicate_of": duplicate_of,
+            "prompt_hash": rendered_hash, "temperature": proposal["temperature"], "code": code,
+            "code_hash": prompt_hash(code), "normalized_hash": normalized, "duplicate_of": duplicate_of,
             "policy_ok": verdict.ok, "policy_rule": verdict.rule, "policy_reason": verdict.reason,
             "exemplar_ids": proposal["exemplar_ids"],
         })
@@ -276,9 +272,8 @@ def select(state: SessionState, ctx: SessionContext) -> SessionState:
         "select * from iteration_stats where session_id = ? and iteration = ?", [ctx.session_id, it]
     )
     for row in stats:
-        mean = "-" if row["mean_dev"] is None else f"{100 * row['mean_dev']:.1f}"
-        top = "-" if row["max_dev"] is None else f"{100 * row['max_dev']:.1f}"
-        say(f"  iteration {it}: {row['n_executable']}/{row['n_programs']} executable, mean dev {mean}, best {top}")
+        say(f"  iteration {it}: {row['n_executable']}/{row['n_programs']} executable, "
+            f"mean dev {percent(row['mean_dev'])}, best {percent(row['max_dev'])}")
     return {}
 
 
@@ -298,7 +293,7 @@ def improve(state: SessionState, ctx: SessionContext) -> SessionState:
     scores = {r["algorithm_id"]: r["dev_score"] for r in ctx.archive.algorithm_scores(sid, it)}
     scored = [
         {"algorithm_id": p["algorithm_id"], "prompt": state["prompt_text"],
-         "completion": p["completion"] + FENCE + "\n", "score": scores.get(p["algorithm_id"])}
+         "completion": completion_text(p["completion"]), "score": scores.get(p["algorithm_id"])}
         for p in state["proposals"]
     ]
     pairs = make_preference_pairs(scored, top_frac=cfg.top_frac, bottom_frac=cfg.bottom_frac, max_pairs=cfg.max_pairs)
@@ -314,10 +309,10 @@ def improve(state: SessionState, ctx: SessionContext) -> SessionState:
         shutil.rmtree(out_dir)
     result = train_dpo(Path(state["generator_path"]), pairs, out_dir, settings)
     dpo_run_id = f"{sid}/dpo/it{it}"
-    prompt_hash = ctx.archive.add_prompt("generator", ctx.prompt.name, state["prompt_text"])
-    with ctx.archive.transaction():
+    with ctx.archive.transaction():  # the prompt itself was archived by `vet`
         ctx.archive.add_preference_pairs([
-            {"pair_id": f"{dpo_run_id}/p{i:04d}", "session_id": sid, "iteration": it, "prompt_hash": prompt_hash,
+            {"pair_id": f"{dpo_run_id}/p{i:04d}", "session_id": sid, "iteration": it,
+             "prompt_hash": prompt_hash(state["prompt_text"]),
              "chosen_algorithm_id": p["chosen_id"], "rejected_algorithm_id": p["rejected_id"],
              "chosen_score": p["chosen_score"], "rejected_score": p["rejected_score"] if p["rejected_score"] is not None else float("nan")}
             for i, p in enumerate(pairs)
@@ -380,9 +375,3 @@ def _evaluation_rows(ctx: SessionContext, model_id: str, tasks: list[Task], scor
         {"model_id": model_id, "task_id": ctx.task_id(t), "judge": ctx.judge.name, "answer": s.answer, "score": s.score}
         for t, s in zip(tasks, scored, strict=True)
     ]
-
-
-def _sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -121,6 +121,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 def cmd_review(args: argparse.Namespace) -> int:
     from archive_store import Archive, ArchiveError
+    from coevo.ui import percent
 
     with Archive.open(_archive_path(args), read_only=True) as archive:
         session = args.session or (archive.latest_session() or {}).get("session_id")
@@ -135,7 +136,6 @@ def cmd_review(args: argparse.Namespace) -> int:
             if not rows:
                 raise ArchiveError(f"no algorithm {args.id!r} in the archive")
             row = rows[0]
-            fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
             print(f"algorithm  {row['algorithm_id']}")
             print(f"iteration  {row['iteration']}  generator v{row['generator_version']}  T={row['temperature']:.2f}")
             print(f"outcome    {row['outcome']}")
@@ -146,7 +146,7 @@ def cmd_review(args: argparse.Namespace) -> int:
                 print(f"duplicate  of {row['duplicate_of']}")
             if row["duration_s"] is not None:
                 print(f"sandbox    {row['duration_s']:.2f}s, peak {row['peak_memory_mb'] or 0:.0f} MB")
-            print(f"scores     dev {fmt(row['dev_score'])}  test {fmt(row['test_score'])}")
+            print(f"scores     dev {percent(row['dev_score'])}  test {percent(row['test_score'])}")
             print("\n" + row["code"])
             if row["stderr"]:
                 print("stderr (tail):\n" + row["stderr"][-2000:])
@@ -166,8 +166,7 @@ def cmd_review(args: argparse.Namespace) -> int:
         print(f"session {session}: {len(listing)} algorithms (best first; `coevo review show ID` for one)")
         print(f"  {'algorithm':38} {'iter':>4} {'gen':>3} {'outcome':20} {'dev':>6} {'test':>6}")
         for algorithm_id, iteration, version, outcome, dev, test in listing:
-            fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-            print(f"  {algorithm_id:38} {iteration:>4} {version:>3} {outcome or '-':20} {fmt(dev):>6} {fmt(test):>6}")
+            print(f"  {algorithm_id:38} {iteration:>4} {version:>3} {outcome or '-':20} {percent(dev):>6} {percent(test):>6}")
     return 0
 
 

@@ -6,13 +6,17 @@ escaping. A leading HTML comment documents the template and is not part of the p
 
 from __future__ import annotations
 
-import hashlib
 import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from archive_store import prompt_hash
+
 DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+
+# The generator prompt ends inside a ```python block; its completion ends at this fence.
+FENCE = "```"
 
 # Placeholders each role's template must use; rendering fails loudly on unknown ones.
 REQUIRED = {"generator": {"n_experts", "exemplars"}}
@@ -48,10 +52,6 @@ class Prompt:
         return string.Template(self.text).substitute({k: str(v) for k, v in values.items()})
 
 
-def prompt_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _strip_header(raw: str) -> str:
     return re.sub(r"\A\s*<!--.*?-->\s*\n", "", raw, count=1, flags=re.S)
 
@@ -85,4 +85,13 @@ def format_exemplars(exemplars: list[tuple[str, float]]) -> str:
 
 def extract_program(completion: str) -> str:
     """The program text of a generator completion: up to the closing code fence."""
-    return completion.split("```", 1)[0].strip() + "\n"
+    return completion.split(FENCE, 1)[0].strip() + "\n"
+
+
+def completion_text(program: str) -> str:
+    """A program as the generator is trained to write it: code, then the closing fence.
+
+    The seed generator's corpus and the DPO pairs both use this form, so DPO trains on
+    exactly what the generator emits.
+    """
+    return program + FENCE + "\n"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -17,12 +16,10 @@ from archive_store import Archive
 from coevo.config import Config, ConfigError, parse_config
 from coevo.prompts import load_prompt
 from coevo.tasks import load_tasks
-from coevo.ui import say
+from coevo.ui import percent, say
 from coevo.zoo.build import default_zoo_dir, ensure_zoo
 from merging.check import check_compatible
 from sandbox.runner import SandboxLimits, make_runner
-
-log = logging.getLogger("coevo.session")
 
 
 class SessionError(ValueError):
@@ -122,7 +119,7 @@ def format_report(archive: Archive, session_id: str) -> str:
     rows = archive.query(
         """
         with scores as (
-          select m.model_id, m.kind, m.name, m.algorithm_id, t.split, avg(e.score) * 100 as score
+          select m.model_id, m.kind, m.name, m.algorithm_id, t.split, avg(e.score) as score
           from models m join evaluations e using (model_id) join tasks t using (task_id)
           where m.session_id = ? group by all
         )
@@ -136,8 +133,7 @@ def format_report(archive: Archive, session_id: str) -> str:
     )[1]
     lines.append(f"  {'model':42} {'kind':9} {'dev':>7} {'test':>7}")
     for name, kind, dev, test in rows:
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        lines.append(f"  {name:42} {kind:9} {fmt(dev):>7} {fmt(test):>7}")
+        lines.append(f"  {name:42} {kind:9} {percent(dev):>7} {percent(test):>7}")
     lines += ["", "Per iteration (dev scores of executable programs):"]
     lines.append(f"  {'iter':>4} {'gen':>3} {'programs':>8} {'executable':>10} {'rate':>6} {'mean':>6} {'median':>6} {'top-3':>17}")
     for row in archive.records(
@@ -147,11 +143,10 @@ def format_report(archive: Archive, session_id: str) -> str:
             "select dev_score from algorithm_scores where session_id = ? and iteration = ? and dev_score is not null "
             "order by dev_score desc limit 3", [session_id, row["iteration"]],
         )[1]
-        fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
         lines.append(
             f"  {row['iteration']:>4} {row['generator_version']:>3} {row['n_programs']:>8} {row['n_executable']:>10} "
-            f"{100 * row['executable_rate']:>5.0f}% {fmt(row['mean_dev']):>6} {fmt(row['median_dev']):>6} "
-            f"{', '.join(f'{100 * s:.1f}' for (s,) in top3):>17}"
+            f"{100 * row['executable_rate']:>5.0f}% {percent(row['mean_dev']):>6} {percent(row['median_dev']):>6} "
+            f"{', '.join(percent(s) for (s,) in top3):>17}"
         )
     lines += ["", "Inspect: coevo review; coevo sql -c \"select * from leaderboard limit 10\""]
     return "\n".join(lines)

@@ -44,6 +44,11 @@ def progress(description: str, total: int) -> Iterator[Callable[..., None]]:
         yield advance
 
 
+def percent(fraction: float | None) -> str:
+    """A score in [0, 1] as a percentage with one decimal; '-' when there is none."""
+    return "-" if fraction is None else f"{100 * fraction:.1f}"
+
+
 def say(message: str) -> None:
     console.print(message, markup=False)
 

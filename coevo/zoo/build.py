@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import random
 import shutil
 import tempfile
@@ -21,15 +20,13 @@ from transformers import LlamaForCausalLM
 
 from agents.judge import Judge, mean_score
 from coevo.baselines import baseline_merge
-from coevo.prompts import extract_program, format_exemplars, load_prompt
+from coevo.prompts import FENCE, extract_program, format_exemplars, load_prompt
 from coevo.tasks import Task, load_tasks, save_tasks
 from coevo.ui import progress, say
-from coevo.zoo.generator import FENCE_END, build_generator
+from coevo.zoo.generator import build_generator
 from coevo.zoo.skills import SKILLS, base_example, make_tasks
 from coevo.zoo.tiny import char_tokenizer, tiny_llama_config
 from coevo.zoo.train import encode_pairs, train_lm
-
-log = logging.getLogger("coevo.zoo")
 
 ZOO_VERSION = 1
 # Sizes and schedules, chosen so the build takes a few minutes on 2 CPU cores.
@@ -147,7 +144,7 @@ def _check_generator(zoo_dir: Path, experts: list[Path], tmp: Path, runner_kind:
     prompt = load_prompt("generator").render(n_experts=len(experts), exemplars=format_exemplars([]))
     completions = backend.generate(
         [prompt], n=GENERATOR_CHECK_SAMPLES, temperature=1.0, max_new_tokens=320, seed=0,
-        stop=[FENCE_END],
+        stop=[FENCE],
     )[0]
     runner = make_runner(runner_kind, SandboxLimits(timeout_s=60, memory_mb=2048))
     jobs = [

@@ -8,12 +8,10 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from coevo.prompts import Prompt, format_exemplars
+from coevo.prompts import Prompt, completion_text, format_exemplars
 from coevo.zoo.programs import random_program
 from coevo.zoo.tiny import SPECIAL_TOKENS, tiny_llama_config, wrap_tokenizer
 from coevo.zoo.train import encode_pairs, train_lm
-
-FENCE_END = "```"
 
 
 def corpus_example(rng: random.Random, prompt: Prompt, n_experts: int) -> tuple[str, str]:
@@ -23,7 +21,7 @@ def corpus_example(rng: random.Random, prompt: Prompt, n_experts: int) -> tuple[
     ]
     exemplars.sort(key=lambda item: -item[1])
     text = prompt.render(n_experts=n_experts, exemplars=format_exemplars(exemplars))
-    return text, random_program(rng) + FENCE_END + "\n"
+    return text, completion_text(random_program(rng))
 
 
 def bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:

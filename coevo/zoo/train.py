@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-log = logging.getLogger("coevo.zoo")
 
 
 def encode_pairs(
