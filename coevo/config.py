@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from sandbox.runner import Runner
 
 
 class ConfigError(ValueError):
@@ -69,10 +72,42 @@ class SessionConfig(_Section):
 
 
 class SandboxConfig(_Section):
-    runner: Literal["auto", "docker", "process"] = "auto"
+    runner: Literal["auto", "docker", "process"] = Field(
+        "auto", description="auto = Docker when a daemon is reachable, else process"
+    )
     timeout_s: float = Field(60.0, gt=0)
     memory_mb: int = Field(2048, ge=128)
     workers: int = Field(2, ge=1, description="programs executed in parallel")
+    pool_size: int = Field(2, ge=0, description="warm Docker containers; 0 = a cold container per job")
+    jobs_per_container: int = Field(50, ge=1, description="a warm container is replaced after this many jobs")
+    cpus: float = Field(1.0, gt=0, description="CPU quota per container")
+    scratch_mb: int = Field(64, ge=1, description="size of each container's /tmp tmpfs")
+    docker_runtime: str = Field("", description="'' = Docker's default; 'runsc' for gVisor")
+    gpus: str = Field("", description="'' = none; 'all' or a count: GPUs passed to the containers")
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: str) -> str:
+        if value not in ("", "all") and not (value.isdigit() and int(value) > 0):
+            raise ValueError("must be 'all' or a positive count such as '1'")
+        return value
+
+    def make_runner(self, scratch_dir: Path | None = None) -> Runner:
+        """The sandbox runner these settings describe (see `sandbox.runner.make_runner`)."""
+        from sandbox.runner import SandboxLimits, make_runner
+
+        limits = SandboxLimits(timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+        return make_runner(
+            self.runner,
+            limits,
+            pool_size=self.pool_size,
+            jobs_per_container=self.jobs_per_container,
+            cpus=self.cpus,
+            scratch_mb=self.scratch_mb,
+            runtime=self.docker_runtime or None,
+            gpus=self.gpus or None,
+            scratch_dir=scratch_dir,
+        )
 
 
 class JudgeConfig(_Section):
@@ -114,7 +149,7 @@ class Config(_Section):
 def _first_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -19,7 +20,6 @@ from coevo.tasks import load_tasks
 from coevo.ui import percent, say
 from coevo.zoo.build import default_zoo_dir, ensure_zoo
 from merging.check import check_compatible
-from sandbox.runner import SandboxLimits, make_runner
 
 
 class SessionError(ValueError):
@@ -56,6 +56,7 @@ def run_session(config: Config | None, workdir: Path, *, resume: bool = False) -
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     archive = Archive.open(workdir / "archive.duckdb")
+    stack = contextlib.ExitStack()
     try:
         if resume:
             latest = archive.latest_session()
@@ -69,9 +70,9 @@ def run_session(config: Config | None, workdir: Path, *, resume: bool = False) -
             session_id = time.strftime("%Y%m%d-%H%M%S") + f"-s{config.seed}"
         base, experts, tasks_dir, zoo_generator, task_set = _resolve_models(config, config.sandbox.runner)
         check_compatible(base, experts)
-        limits = SandboxLimits(timeout_s=config.sandbox.timeout_s, memory_mb=config.sandbox.memory_mb)
-        runner = make_runner(config.sandbox.runner, limits)
-        say(f"[session] sandbox runner: {runner.name}")
+        runner = config.sandbox.make_runner(scratch_dir=workdir / ".sandbox")
+        stack.callback(runner.close)
+        say(f"[session] sandbox runner: {runner.description}")
         tasks = load_tasks(tasks_dir)
         generator_dir = Path(config.generator.model) if config.generator.model else zoo_generator
         if generator_dir is None:
@@ -110,6 +111,7 @@ def run_session(config: Config | None, workdir: Path, *, resume: bool = False) -
         say(format_report(archive, session_id))
         return session_id
     finally:
+        stack.close()
         archive.close()
 
 

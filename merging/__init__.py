@@ -3,7 +3,7 @@ and applying a merge function to a base model and its experts tensor by tensor."
 
 from merging.apply import MergeOutputInvalid, MergeStats, merge_models
 from merging.check import IncompatibleModels, check_compatible
-from merging.io import ModelDirError, ModelWeights, open_weights, write_weights
+from merging.io import ModelDirError, ModelWeights, open_weights, share_readable, write_weights
 from merging.methods import METHODS, MergeFn, MethodSpec, make_merge_fn
 
 __all__ = [
@@ -19,5 +19,6 @@ __all__ = [
     "make_merge_fn",
     "merge_models",
     "open_weights",
+    "share_readable",
     "write_weights",
 ]

@@ -111,6 +111,10 @@ def _merge_one(
 
     if not isinstance(merged_tv, torch.Tensor):
         raise MergeOutputInvalid(name, f"returned {type(merged_tv).__name__}, not a torch.Tensor")
+    if merged_tv.layout != torch.strided or merged_tv.device.type not in ("cpu", "cuda"):
+        raise MergeOutputInvalid(
+            name, f"a {merged_tv.layout} tensor on {merged_tv.device.type}, not a dense tensor"
+        )
     if merged_tv.shape != base_f32.shape:
         raise MergeOutputInvalid(name, f"shape {tuple(merged_tv.shape)} != {tuple(base_f32.shape)}")
     if not merged_tv.is_floating_point():

@@ -179,10 +179,28 @@ def write_weights(
         for path in sorted(template_dir.iterdir()):
             if path.is_file() and not _is_weight_file(path.name):
                 shutil.copy2(path, tmp_dir / path.name)
+        share_readable(tmp_dir)
         _replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+
+
+def share_readable(root: Path) -> None:
+    """Make a model dir readable by every user (`chmod -R a+rX`), as sandboxes need.
+
+    Temporary dirs and some writers (mkstemp) create owner-only files; a sandbox container
+    runs as another, unprivileged user and mounts model dirs read-only.
+    """
+    root = Path(root)
+    paths = [root, *root.rglob("*")]
+    for path in paths:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        wanted = mode | 0o444 | (0o111 if path.is_dir() else 0)
+        if wanted != mode:
+            os.chmod(path, wanted)
 
 
 def _is_weight_file(file_name: str) -> bool:

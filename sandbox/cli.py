@@ -1,8 +1,14 @@
-"""`coevo sandbox run PROGRAM.py --base DIR --expert DIR ... --out DIR`: one program, one verdict.
+"""`coevo sandbox ...`: run one program, score answers with checker code, build the image.
 
-Once its arguments are valid the command always exits 0 and reports the verdict (the program
-failing is a result, not an error of the command). Bad arguments (a missing file or model
-dir, models that cannot be merged) print one line on stderr and exit 2.
+- `run PROGRAM.py --base DIR --expert DIR ... --out DIR`: one merge program, one verdict.
+- `check CHECKER.py --cases FILE.jsonl`: task-checker code scoring (answer, instance) cases.
+- `build [--offline] [--gpu] [--base IMAGE]`: the sandbox image.
+- `info`: which runners work on this machine.
+
+Once their arguments are valid, `run` and `check` always exit 0 and report the verdict (the
+program failing is a result, not an error of the command). Bad arguments (a missing file or
+model dir, models that cannot be merged, no Docker for `--runner docker`) print one line on
+stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sandbox.runner import MergeJob, SandboxLimits, make_runner
+from sandbox.checker import CheckJob
+from sandbox.runner import MergeJob, Runner, SandboxLimits, SandboxUnavailable, make_runner
 
 EXIT_USAGE = 2
 
@@ -48,8 +55,59 @@ def add_sandbox_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--memory-mb", type=int, default=SandboxLimits.memory_mb, help="memory limit, MB"
     )
     run.add_argument("--include", default=None, help="merge only tensors matching this regex")
+    _runner_arguments(run)
     run.set_defaults(func=run_command)
+
+    check = commands.add_parser(
+        "check",
+        help="score answers with task-checker code in the sandbox, print the verdict and scores",
+        description="Run CHECKER.py's check(answer, instance) on every case of a JSONL file "
+        '(one {"answer": str, "instance": {...}} object per line) in the sandbox.',
+    )
+    check.add_argument("checker", type=Path, metavar="CHECKER.py", help="checker source")
+    check.add_argument("--cases", type=Path, required=True, help="JSONL file of cases")
+    check.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    check.add_argument("--timeout", type=float, default=SandboxLimits.timeout_s, help="wall-clock limit, s")
+    check.add_argument("--memory-mb", type=int, default=SandboxLimits.memory_mb, help="memory limit, MB")
+    _runner_arguments(check)
+    check.set_defaults(func=check_command)
+
+    build = commands.add_parser(
+        "build",
+        help="build the sandbox Docker image",
+        description="Build coevo-sandbox:<hash> from sandbox/Dockerfile. By default the base "
+        "(python:3.11-slim, or a CUDA PyTorch image with --gpu) and the packages come from the "
+        "registries; --offline uses no registry: a debootstrap base and a wheelhouse made on "
+        "this machine, built with --network none.",
+    )
+    build.add_argument("--offline", action="store_true", help="build with no registry access")
+    build.add_argument("--gpu", action="store_true", help="CUDA image (torch from the base)")
+    build.add_argument("--base", default=None, help="base image to build FROM instead")
+    build.set_defaults(func=build_command)
+
+    info = commands.add_parser("info", help="which sandbox runners work on this machine")
+    info.set_defaults(func=info_command)
     return sandbox
+
+
+def _runner_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runner",
+        choices=("auto", "docker", "process"),
+        default="auto",
+        help="auto: Docker when a daemon is reachable, else the process sandbox",
+    )
+    parser.add_argument(
+        "--pool-size", type=int, default=1, help="warm containers (0: a cold `docker run`)"
+    )
+
+
+def _make(args: argparse.Namespace, limits: SandboxLimits) -> Runner | None:
+    try:
+        return make_runner(args.runner, limits, pool_size=max(args.pool_size, 0))
+    except SandboxUnavailable as err:
+        print(f"coevo sandbox: error: {err}", file=sys.stderr)
+        return None
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -66,7 +124,13 @@ def run_command(args: argparse.Namespace) -> int:
         out_dir=args.out,
         include=args.include,
     )
-    result = make_runner("process", limits).run(job)
+    runner = _make(args, limits)
+    if runner is None:
+        return EXIT_USAGE
+    try:
+        result = runner.run(job)
+    finally:
+        runner.close()
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -107,3 +171,96 @@ def _check_args(args: argparse.Namespace) -> str | None:
     except (IncompatibleModels, ModelDirError) as err:
         return str(err)
     return None
+
+
+def check_command(args: argparse.Namespace) -> int:
+    """Handle `coevo sandbox check`; returns the exit code."""
+    problem, job = _read_check_args(args)
+    if job is None:
+        print(f"coevo sandbox check: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    runner = _make(args, SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb))
+    if runner is None:
+        return EXIT_USAGE
+    try:
+        result = runner.run_check(job)
+    finally:
+        runner.close()
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    scores = result.scores or []
+    passed = f", {sum(scores):g}/{len(scores)} passed" if result.verdict == "ok" else ""
+    print(
+        f"{result.verdict}: {result.reason}{passed} "
+        f"({result.duration_s:.1f} s, {result.peak_memory_mb:.0f} MB, runner {result.runner})"
+    )
+    for i, error in enumerate(result.errors or []):
+        if error:
+            print(f"  case {i}: {error}")
+    return 0
+
+
+def _read_check_args(args: argparse.Namespace) -> tuple[str, CheckJob | None]:
+    if args.timeout <= 0 or args.memory_mb <= 0:
+        return "--timeout and --memory-mb must be positive", None
+    try:
+        source = args.checker.read_text(encoding="utf-8")
+        lines = args.cases.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        return f"cannot read {err.filename if isinstance(err, OSError) else 'input'}: {err}", None
+    cases = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            cases.append(json.loads(line))
+        except ValueError as err:
+            return f"{args.cases}:{number}: not JSON: {err}", None
+    job = CheckJob(source, cases)
+    try:
+        job.validate()
+    except ValueError as err:
+        return f"{args.cases}: {err}", None
+    return "", job
+
+
+def build_command(args: argparse.Namespace) -> int:
+    """Handle `coevo sandbox build`; returns the exit code."""
+    from sandbox.docker_runner import docker_client
+    from sandbox.image import ImageError, build_image
+
+    try:
+        tag = build_image(
+            docker_client(),
+            offline=args.offline,
+            gpu=args.gpu,
+            base=args.base,
+            log=lambda line: print(line, file=sys.stderr),
+        )
+    except (SandboxUnavailable, ImageError) as err:
+        print(f"coevo sandbox build: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(tag)
+    return 0
+
+
+def info_command(args: argparse.Namespace) -> int:
+    """Handle `coevo sandbox info`: the Docker daemon, the image, the process fallback."""
+    from sandbox.docker_runner import docker_client
+    from sandbox.image import image_exists, image_tag
+    from sandbox.runner import ProcessRunner
+
+    tag = image_tag()
+    try:
+        client = docker_client()
+        version = client.version().get("Version", "?")
+        runtimes = ", ".join(sorted(client.info().get("Runtimes", {})))
+        state = "built" if image_exists(client, tag) else "not built (coevo sandbox build)"
+        print(f"docker:  daemon {version} reachable; runtimes: {runtimes}")
+        print(f"image:   {tag} {state}")
+    except SandboxUnavailable as err:
+        print(f"docker:  unavailable: {err}")
+        print(f"image:   {tag}")
+    print(f"process: {ProcessRunner.confinement()}")
+    return 0

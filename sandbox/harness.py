@@ -12,7 +12,8 @@ rlimits because `preexec_fn` is unsafe in a multi-threaded parent (`run_many` us
 and a container entrypoint has no parent to set them.
 
 Job JSON keys: `source`, `base_dir`, `expert_dirs`, `out_dir`, `include`, `result_path`,
-`limits` (`SandboxLimits` as a dict).
+`limits` (`SandboxLimits` as a dict). A checker job (`"kind": "check"`, see `sandbox.checker`)
+has `source`, `cases`, `result_path` and `limits`, and its result adds `scores` and `errors`.
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ _INPLACE_OPS: dict[str, Callable[[Any, Any], Any]] = {
 _OOM_MARKERS = ("can't allocate memory", "defaultcpuallocator", "out of memory")
 
 
+class _Compute:
+    """Seconds spent inside the program's own `merge` calls (the rest is sandbox overhead)."""
+
+    seconds = 0.0
+
+
+COMPUTE = _Compute()
+
+
 class ProgramError(Exception):
     """An exception raised by the generated program itself (kept as `__cause__`)."""
 
@@ -86,22 +96,38 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m sandbox.harness JOB.json", file=sys.stderr)
         return 2
-    job = json.loads(Path(argv[0]).read_text())
+    execute(json.loads(Path(argv[0]).read_text()))
+    return 0
+
+
+def execute(job: dict[str, Any]) -> None:
+    """Confine this process to the job's limits, run the job, write its result file.
+
+    Used by `main` (one process per job) and by `sandbox.pool_worker` (in a child forked
+    from a warm worker, with torch already imported).
+    """
+    result_path = Path(job["result_path"])
+    tmp = result_path.with_suffix(".tmp")
+    # Opened before the program runs: a program that exhausts file descriptors (or fills the
+    # disk quota with nothing else) still gets its verdict written.
+    result_file = open(tmp, "w")  # noqa: SIM115 - closed below, after the program ran
     apply_limits(job["limits"])
     BoundedPrint.budget = int(job["limits"]["max_log_bytes"])
     start = time.perf_counter()
-    verdict, reason = run_job(job)
-    result = {
-        "verdict": verdict,
-        "reason": _truncate(reason),
-        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "duration_s": time.perf_counter() - start,
-    }
-    result_path = Path(job["result_path"])
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
+    result: dict[str, Any]
+    if job.get("kind") == "check":  # task-checker code scoring answers (sandbox.checker)
+        from sandbox.checker import run_check_job
+
+        result = run_check_job(job)
+        result["compute_s"] = time.perf_counter() - start
+    else:
+        verdict, reason = run_job(job)
+        result = {"verdict": verdict, "reason": _truncate(reason), "compute_s": COMPUTE.seconds}
+    result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["duration_s"] = time.perf_counter() - start
+    with result_file:
+        result_file.write(json.dumps(result))
     os.replace(tmp, result_path)
-    return 0
 
 
 def apply_limits(limits: dict[str, Any]) -> None:
@@ -164,10 +190,13 @@ def run_job(job: dict[str, Any]) -> tuple[str, str]:
     import merging
 
     def guarded_merge(task_vectors: list[Any], *, name: str, base: Any) -> Any:
+        start = time.perf_counter()
         try:
             return merge(task_vectors, name=name, base=base)
         except BaseException as err:  # SystemExit, KeyboardInterrupt too: all are the program's
             raise ProgramError(name) from err
+        finally:
+            COMPUTE.seconds += time.perf_counter() - start
 
     try:
         merging.merge_models(
@@ -326,12 +355,20 @@ def _classify(err: BaseException) -> tuple[str, str]:
 
 
 def _is_oom(err: BaseException) -> bool:
-    message = str(err).lower()
+    message = _message(err).lower()
     return isinstance(err, RuntimeError) and any(marker in message for marker in _OOM_MARKERS)
 
 
 def _describe(err: BaseException) -> str:
-    return _truncate(f"{type(err).__name__}: {err}")
+    return _truncate(f"{type(err).__name__}: {_message(err)}")
+
+
+def _message(err: BaseException) -> str:
+    """str(err), or a placeholder when even that fails (`ValueError(10 ** 5000)`)."""
+    try:
+        return str(err)
+    except BaseException:  # noqa: BLE001 - the program's object, anything can happen
+        return "<message could not be converted to text>"
 
 
 def _truncate(text: str, limit: int = MAX_REASON_CHARS) -> str:

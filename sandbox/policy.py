@@ -1,4 +1,5 @@
-"""Static policy for generated merge programs, checked before anything executes.
+"""Static policy for generated programs (merge programs and task checkers), checked before
+anything executes.
 
 The policy is a cheap first filter with clear verdicts, not the security boundary: the
 harness re-checks it, runs the program under RestrictedPython with runtime guards, and the
@@ -20,6 +21,11 @@ rule id so the archive can count rejections by cause:
 - `contract`: no top-level `def merge(task_vectors, *, name, base)`, or top-level code other
   than imports, function definitions, constant assignments and docstrings;
 - `restricted_python`: `RestrictedPython.compile_restricted` refuses the source.
+
+Task checkers (`check_checker`) follow the same rules with their own `ProgramPolicy`: the
+contract is a top-level `def check(answer, instance)`, the modules are `CHECKER_ALLOWED_MODULES`
+(text processing only: nothing that reaches files, processes, the network or introspection), and
+`string.Formatter` counts as a `computed_attr` (it looks attributes up from format strings).
 """
 
 from __future__ import annotations
@@ -70,7 +76,20 @@ BANNED_ATTRS = frozenset(
 )
 
 _ATTR_BUILTINS = frozenset({"getattr", "setattr", "delattr", "hasattr"})
+# Attributes that look other attributes up from a runtime string (`'{0.__class__}'.format(x)`).
+_FORMAT_ATTRS = frozenset({"format", "format_map"})
 _CONTRACT = "def merge(task_vectors, *, name, base)"
+
+# Task checkers: text processing only.
+CHECKER_ALLOWED_MODULES = frozenset(
+    "re math string json itertools collections difflib unicodedata".split()
+)
+# `json.dumps` is a pure function in a checker's world (no files are reachable); everything else
+# banned for merge programs stays banned (`json.load` / `json.dump` take file objects).
+CHECKER_BANNED_ATTRS = BANNED_ATTRS - {"dumps"}
+# `string.Formatter().vformat / get_field` resolve `{0.attr}` fields like `str.format` does.
+_CHECKER_FORMAT_ATTRS = _FORMAT_ATTRS | {"Formatter", "vformat", "get_field"}
+_CHECKER_CONTRACT = "def check(answer, instance)"
 
 
 @dataclass(frozen=True)
@@ -82,8 +101,85 @@ class PolicyVerdict:
     reason: str
 
 
+@dataclass(frozen=True)
+class Contract:
+    """The top-level function a program must define: its name and parameter shape.
+
+    Positional parameter names are free (callers pass them positionally); keyword-only names
+    are fixed; `*args` / `**kwargs` are not allowed.
+    """
+
+    function: str
+    positional: int
+    keyword_only: frozenset[str]
+    signature: str  # as written in reasons, e.g. "def merge(task_vectors, *, name, base)"
+
+
+@dataclass(frozen=True)
+class ProgramPolicy:
+    """What one kind of generated program may contain; the AST rules are shared by all kinds."""
+
+    kind: str  # "merge program", "checker": for messages, e.g. the runtime guards'
+    contract: Contract
+    allowed_modules: frozenset[str]
+    banned_names: frozenset[str]
+    banned_attrs: frozenset[str]
+    format_attrs: frozenset[str]  # attributes rejected as `computed_attr`
+    # Whether `from <module> import <name>` is banned (the module itself being allowed).
+    from_import_banned: Callable[[str, str], bool]
+
+
+def _merge_from_import_banned(module: str, name: str) -> bool:
+    return module == "torch" and torch_attr_banned(name)
+
+
+def _checker_from_import_banned(module: str, name: str) -> bool:
+    return name in CHECKER_BANNED_ATTRS or name in _CHECKER_FORMAT_ATTRS
+
+
+MERGE_POLICY = ProgramPolicy(
+    kind="merge program",
+    contract=Contract(
+        function="merge",
+        positional=1,
+        keyword_only=frozenset({"name", "base"}),
+        signature=_CONTRACT,
+    ),
+    allowed_modules=ALLOWED_MODULES,
+    banned_names=BANNED_NAMES,
+    banned_attrs=BANNED_ATTRS,
+    format_attrs=_FORMAT_ATTRS,
+    from_import_banned=_merge_from_import_banned,
+)
+
+CHECKER_POLICY = ProgramPolicy(
+    kind="checker",
+    contract=Contract(
+        function="check",
+        positional=2,
+        keyword_only=frozenset(),
+        signature=_CHECKER_CONTRACT,
+    ),
+    allowed_modules=CHECKER_ALLOWED_MODULES,
+    banned_names=BANNED_NAMES,
+    banned_attrs=CHECKER_BANNED_ATTRS,
+    format_attrs=_CHECKER_FORMAT_ATTRS,
+    from_import_banned=_checker_from_import_banned,
+)
+
+
 def check_program(source: str, *, max_bytes: int = 16_000) -> PolicyVerdict:
     """Check a generated merge program against every policy rule, cheapest first."""
+    return check_source(source, MERGE_POLICY, max_bytes=max_bytes)
+
+
+def check_checker(source: str, *, max_bytes: int = 16_000) -> PolicyVerdict:
+    """Check a generated task checker (`def check(answer, instance)`) against every rule."""
+    return check_source(source, CHECKER_POLICY, max_bytes=max_bytes)
+
+
+def check_source(source: str, policy: ProgramPolicy, *, max_bytes: int = 16_000) -> PolicyVerdict:
+    """Check `source` against every rule of `policy`, cheapest first."""
     size = len(source.encode("utf-8", errors="surrogatepass"))
     if size > max_bytes:
         return _reject("size", f"source is {size} bytes, limit is {max_bytes}")
@@ -94,7 +190,7 @@ def check_program(source: str, *, max_bytes: int = 16_000) -> PolicyVerdict:
         where = f" (line {line})" if line else ""
         return _reject("syntax", f"does not parse: {getattr(err, 'msg', err)}{where}")
     for rule, check in _RULES:
-        problem = check(tree)
+        problem = check(tree, policy)
         if problem is not None:
             return _reject(rule, problem)
     try:
@@ -169,42 +265,43 @@ def _identifiers(tree: ast.AST) -> Iterator[tuple[str, ast.AST]]:
                 yield name, node
 
 
-def _check_imports(tree: ast.AST) -> str | None:
+def _check_imports(tree: ast.AST, policy: ProgramPolicy) -> str | None:
+    allowed = policy.allowed_modules
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name not in ALLOWED_MODULES:
+                if alias.name not in allowed:
                     return f"import of '{alias.name}' is not allowed{_where(node)}"
         elif isinstance(node, ast.ImportFrom):
             module = node.module or ""
-            if node.level or module not in ALLOWED_MODULES:
+            if node.level or module not in allowed:
                 return f"import from '{'.' * node.level}{module}' is not allowed{_where(node)}"
             for alias in node.names:
                 full = f"{module}.{alias.name}"
                 if alias.name == "*":
                     return f"'from {module} import *' is not allowed{_where(node)}"
-                if full in ALLOWED_MODULES:
+                if full in allowed:
                     continue
-                if module == "torch" and torch_attr_banned(alias.name):
-                    return f"'from torch import {alias.name}' is not allowed{_where(node)}"
+                if policy.from_import_banned(module, alias.name):
+                    return f"'from {module} import {alias.name}' is not allowed{_where(node)}"
     return None
 
 
-def _check_dunder(tree: ast.AST) -> str | None:
+def _check_dunder(tree: ast.AST, policy: ProgramPolicy) -> str | None:
     for name, node in _identifiers(tree):
         if name.startswith("__"):
             return f"name '{name}' starts with '__'{_where(node)}"
     return None
 
 
-def _check_private(tree: ast.AST) -> str | None:
+def _check_private(tree: ast.AST, policy: ProgramPolicy) -> str | None:
     for name, node in _identifiers(tree):
         if name.startswith("_") and name != "_":
             return f"name '{name}' starts with '_'{_where(node)}"
     return None
 
 
-def _check_computed_attr(tree: ast.AST) -> str | None:
+def _check_computed_attr(tree: ast.AST, policy: ProgramPolicy) -> str | None:
     for node in ast.walk(tree):
         if (
             isinstance(node, ast.Call)
@@ -213,14 +310,14 @@ def _check_computed_attr(tree: ast.AST) -> str | None:
             and not (len(node.args) >= 2 and isinstance(node.args[1], ast.Constant))
         ):
             return f"{node.func.id}() with a computed attribute name{_where(node)}"
-        if isinstance(node, ast.Attribute) and node.attr in ("format", "format_map"):
+        if isinstance(node, ast.Attribute) and node.attr in policy.format_attrs:
             return f"'.{node.attr}' can look up attributes from a string{_where(node)}"
     return None
 
 
-def _check_banned_names(tree: ast.AST) -> str | None:
+def _check_banned_names(tree: ast.AST, policy: ProgramPolicy) -> str | None:
     for name, node in _identifiers(tree):
-        if name in BANNED_NAMES and not isinstance(node, ast.Attribute | ast.keyword):
+        if name in policy.banned_names and not isinstance(node, ast.Attribute | ast.keyword):
             return f"name '{name}' is not allowed{_where(node)}"
     return None
 
@@ -246,7 +343,7 @@ def _torch_aliases(tree: ast.AST) -> set[str]:
     return aliases
 
 
-def _module_aliases(tree: ast.AST) -> set[str]:
+def _module_aliases(tree: ast.AST, allowed: frozenset[str]) -> set[str]:
     aliases: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -256,16 +353,16 @@ def _module_aliases(tree: ast.AST) -> set[str]:
             aliases.update(
                 alias.asname or alias.name
                 for alias in node.names
-                if f"{module}.{alias.name}" in ALLOWED_MODULES
+                if f"{module}.{alias.name}" in allowed
             )
     return aliases
 
 
-def _check_banned_attrs(tree: ast.AST) -> str | None:
+def _check_banned_attrs(tree: ast.AST, policy: ProgramPolicy) -> str | None:
     torch_names = _torch_aliases(tree)
     # A module used as a plain value (`t = torch`, `f(torch)`) would hide later attribute
     # accesses from this check; the harness guards them at runtime too, but reject early.
-    modules = _module_aliases(tree)
+    modules = _module_aliases(tree, policy.allowed_modules)
     attribute_bases = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and node.id in modules and id(node) not in attribute_bases:
@@ -278,12 +375,12 @@ def _check_banned_attrs(tree: ast.AST) -> str | None:
             and torch_attr_banned(node.attr)
         ):
             return f"'{node.value.id}.{node.attr}' is not allowed{_where(node)}"
-        if node.attr in BANNED_ATTRS:
+        if node.attr in policy.banned_attrs:
             return f"attribute '.{node.attr}' is not allowed{_where(node)}"
     return None
 
 
-def _check_statements(tree: ast.AST) -> str | None:
+def _check_statements(tree: ast.AST, policy: ProgramPolicy) -> str | None:
     banned: dict[type[ast.AST], str] = {
         ast.Global: "'global'",
         ast.Nonlocal: "'nonlocal'",
@@ -302,13 +399,14 @@ def _check_statements(tree: ast.AST) -> str | None:
     return None
 
 
-def _check_contract(tree: ast.AST) -> str | None:
+def _check_contract(tree: ast.AST, policy: ProgramPolicy) -> str | None:
     assert isinstance(tree, ast.Module)
-    merges = []
+    contract = policy.contract
+    defs = []
     for node in tree.body:
         if isinstance(node, ast.FunctionDef):
-            if node.name == "merge":
-                merges.append(node)
+            if node.name == contract.function:
+                defs.append(node)
         elif isinstance(node, ast.Assign | ast.AnnAssign | ast.Import | ast.ImportFrom):
             continue
         elif not _is_docstring(node):
@@ -316,24 +414,24 @@ def _check_contract(tree: ast.AST) -> str | None:
                 f"top-level {type(node).__name__} statement{_where(node)}: only imports, "
                 "functions, constants and docstrings may be top-level"
             )
-    if not merges:
-        return f"no top-level '{_CONTRACT}'"
-    if len(merges) > 1:
-        return f"'merge' is defined {len(merges)} times"
-    args = merges[0].args
-    positional = [a.arg for a in args.posonlyargs + args.args]
-    keyword_only = sorted(a.arg for a in args.kwonlyargs)
+    if not defs:
+        return f"no top-level '{contract.signature}'"
+    if len(defs) > 1:
+        return f"'{contract.function}' is defined {len(defs)} times"
+    args = defs[0].args
+    positional = args.posonlyargs + args.args
+    keyword_only = frozenset(a.arg for a in args.kwonlyargs)
     if (
-        len(positional) != 1
-        or keyword_only != ["base", "name"]
+        len(positional) != contract.positional
+        or keyword_only != contract.keyword_only
         or args.vararg is not None
         or args.kwarg is not None
     ):
-        return f"merge must be '{_CONTRACT}'{_where(merges[0])}"
+        return f"{contract.function} must be '{contract.signature}'{_where(defs[0])}"
     return None
 
 
-_RULES: list[tuple[str, Callable[[ast.AST], str | None]]] = [
+_RULES: list[tuple[str, Callable[[ast.AST, ProgramPolicy], str | None]]] = [
     ("import", _check_imports),
     ("dunder", _check_dunder),
     ("private", _check_private),

@@ -27,9 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from sandbox.policy import check_program
+from sandbox.policy import check_checker, check_program
+
+if TYPE_CHECKING:  # imported lazily: the harness module, run as __main__, must not be imported
+    from sandbox.checker import CheckJob, CheckResult
 
 log = logging.getLogger("coevo.sandbox")
 
@@ -110,6 +113,7 @@ class SandboxResult:
     stdout: str = ""
     stderr: str = ""
     runner: str = ""
+    compute_s: float = 0.0  # time inside the program's own merge calls
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready values."""
@@ -121,8 +125,21 @@ class Runner(Protocol):
 
     name: str
 
+    @property
+    def description(self) -> str:
+        """What confines the jobs, for logs ("docker (image, warm pool of 2)")."""
+        ...
+
     def run(self, job: MergeJob) -> SandboxResult:
         """Run one job to completion (or to its limits)."""
+        ...
+
+    def run_check(self, job: CheckJob) -> CheckResult:
+        """Score answers with task-checker code (no weights mounted); never raises for it."""
+        ...
+
+    def close(self) -> None:
+        """Release what the runner holds (containers, scratch space)."""
         ...
 
 
@@ -148,9 +165,19 @@ class ProcessRunner:
         self.limits = limits or SandboxLimits()
         _warn_once(
             "process",
-            "process sandbox: weaker isolation than Docker (no read-only root, shared kernel, "
-            "shared file system; confinement is RestrictedPython + rlimits + process group"
-            + (" + network namespace)" if network_prefix() else ", network NOT isolated)"),
+            "PROCESS SANDBOX: weaker isolation than Docker (shared kernel, no memory cgroup); "
+            + (
+                "confinement is bubblewrap (no network, own pid/ipc namespaces, read-only host "
+                "view) + RestrictedPython + rlimits"
+                if bubblewrap()
+                else "confinement is RestrictedPython + rlimits + a process group"
+                + (
+                    " + a network namespace; the host file system is NOT read-only "
+                    "(install bubblewrap)"
+                    if network_prefix()
+                    else "; network and file system NOT isolated (install bubblewrap)"
+                )
+            ),
         )
 
     def run(self, job: MergeJob) -> SandboxResult:
@@ -168,18 +195,20 @@ class ProcessRunner:
         out_dir = Path(job.out_dir).resolve()
         control = Path(tempfile.mkdtemp(prefix="coevo-sandbox-"))
         staging: Path | None = None
+        compute_s = 0.0
         try:
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             # Staged next to out_dir (same file system, so the final rename is atomic); a
             # failed or killed job leaves nothing at out_dir.
             staging = Path(tempfile.mkdtemp(prefix=f".sandbox-{out_dir.name}-", dir=out_dir.parent))
-            verdict, reason, peak_mb = self._run_harness(job, control, staging / "model")
+            payload = {**job.to_dict(), "out_dir": str(staging / "model")}
+            verdict, reason, peak_mb, compute_s = self._run_harness(payload, control, staging)
             if verdict == "ok":
-                problem = _install(staging / "model", out_dir, staging)
+                problem = install_model(staging / "model", out_dir)
                 if problem is not None:
                     verdict, reason = "sandbox_error", problem
-            stdout = _read_log(control / "stdout.log", self.limits.max_log_bytes)
-            stderr = _read_log(control / "stderr.log", self.limits.max_log_bytes)
+            stdout = read_log(control / "stdout.log", self.limits.max_log_bytes)
+            stderr = read_log(control / "stderr.log", self.limits.max_log_bytes)
         except OSError as err:
             verdict, reason, peak_mb, stdout, stderr = (
                 "sandbox_error",
@@ -193,27 +222,78 @@ class ProcessRunner:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
         return SandboxResult(
-            verdict, reason, time.perf_counter() - start, peak_mb, stdout, stderr, self.name
+            verdict,
+            reason,
+            time.perf_counter() - start,
+            peak_mb,
+            stdout,
+            stderr,
+            self.name,
+            compute_s,
         )
 
-    def _run_harness(self, job: MergeJob, control: Path, model_dir: Path) -> tuple[str, str, float]:
+    @property
+    def description(self) -> str:
+        """Which confinement this machine gives the process runner."""
+        return f"process ({self.confinement()})"
+
+    @staticmethod
+    def confinement() -> str:
+        """bubblewrap, a network namespace, or nothing beyond rlimits: what works here."""
+        if bubblewrap():
+            return "bubblewrap"
+        return "network namespace" if network_prefix() else "NO isolation beyond rlimits"
+
+    def close(self) -> None:
+        """Nothing to release: each job's process is gone when `run` returns."""
+
+    def run_check(self, job: CheckJob) -> CheckResult:
+        """Score answers with task-checker code in a fresh harness process (no models)."""
+        from sandbox.checker import CheckResult
+
+        start = time.perf_counter()
+        policy = check_checker(job.source)
+        if not policy.ok:
+            return CheckResult(
+                "rejected_by_policy",
+                f"{policy.rule}: {policy.reason}",
+                time.perf_counter() - start,
+                0.0,
+                runner=self.name,
+            )
+        control = Path(tempfile.mkdtemp(prefix="coevo-check-"))
+        try:
+            (control / "out").mkdir()
+            verdict, reason, peak_mb, _ = self._run_harness(job.to_dict(), control, control / "out")
+            scores, errors = read_scores(control / "result.json") if verdict == "ok" else (None, None)
+            return CheckResult(
+                verdict,
+                reason,
+                time.perf_counter() - start,
+                peak_mb,
+                scores,
+                errors,
+                read_log(control / "stdout.log", self.limits.max_log_bytes),
+                read_log(control / "stderr.log", self.limits.max_log_bytes),
+                self.name,
+            )
+        finally:
+            shutil.rmtree(control, ignore_errors=True)
+
+    def _run_harness(
+        self, payload: dict[str, Any], control: Path, staging: Path
+    ) -> tuple[str, str, float, float]:
+        """Run the harness on `payload` (a job dict); `staging` is its writable output dir."""
         limits = self.limits
         job_file = control / "job.json"
         result_file = control / "result.json"
         job_file.write_text(
-            json.dumps(
-                {
-                    **job.to_dict(),
-                    "out_dir": str(model_dir),
-                    "result_path": str(result_file),
-                    "limits": limits.to_dict(),
-                }
-            )
+            json.dumps({**payload, "result_path": str(result_file), "limits": limits.to_dict()})
         )
         for sub in ("home", "tmp"):
             (control / sub).mkdir()
         command = [
-            *network_prefix(),
+            *confinement_prefix(control, staging),
             sys.executable,
             "-s",
             "-B",
@@ -250,37 +330,66 @@ class ProcessRunner:
 
         peak_mb = max(rusage.ru_maxrss / 1024, watch.peak_mb)
         if watch.killed_for == "timeout":
-            return "timeout", f"exceeded the {limits.timeout_s:g} s wall-clock limit", peak_mb
+            return "timeout", f"exceeded the {limits.timeout_s:g} s wall-clock limit", peak_mb, 0.0
         if watch.killed_for == "memory":
             return (
                 "memory_exceeded",
                 f"used more than the {limits.memory_mb} MB memory limit",
                 peak_mb,
+                0.0,
             )
         if watch.killed_for == "logs":
             return (
                 "runtime_error",
                 f"wrote more than {LOG_FLOOD_FACTOR * limits.max_log_bytes} bytes of logs",
                 peak_mb,
+                0.0,
             )
-        if result_file.is_file():
-            try:
-                result = json.loads(result_file.read_text())
-                verdict, reason = str(result["verdict"]), str(result["reason"])
-                peak_mb = max(peak_mb, float(result.get("peak_memory_mb", 0.0)))
-            except (ValueError, KeyError, TypeError) as bad:
-                return "sandbox_error", f"unreadable harness result: {bad}", peak_mb
-            if verdict not in VERDICTS:
-                return "sandbox_error", f"harness returned unknown verdict {verdict!r}", peak_mb
-            return verdict, reason, peak_mb
-        tail = _tail(control / "stderr.log")
+        result = read_result(result_file)
+        if result is not None:
+            verdict, reason, result_peak, compute_s = result
+            return verdict, reason, max(peak_mb, result_peak), compute_s
+        stderr_tail = tail(control / "stderr.log")
         code = proc.returncode
         if code < 0:
             sig = signal.Signals(-code)
             if sig == signal.SIGXCPU:
-                return "timeout", "exceeded the CPU-time limit", peak_mb
-            return "runtime_error", f"sandbox process killed by {sig.name}: {tail}", peak_mb
-        return "sandbox_error", f"harness exited with code {code} and no result: {tail}", peak_mb
+                return "timeout", "exceeded the CPU-time limit", peak_mb, 0.0
+            return "runtime_error", f"sandbox process killed by {sig.name}: {stderr_tail}", peak_mb, 0.0
+        return (
+            "sandbox_error",
+            f"harness exited with code {code} and no result: {stderr_tail}",
+            peak_mb,
+            0.0,
+        )
+
+
+def read_result(result_file: Path) -> tuple[str, str, float, float] | None:
+    """`(verdict, reason, peak_memory_mb, compute_s)` from a harness result file; None if absent.
+
+    An unreadable file or an unknown verdict is a `sandbox_error`.
+    """
+    if not result_file.is_file():
+        return None
+    try:
+        result = json.loads(result_file.read_text())
+        verdict, reason = str(result["verdict"]), str(result["reason"])
+        peak_mb = float(result.get("peak_memory_mb", 0.0))
+        compute_s = float(result.get("compute_s", 0.0))
+    except (OSError, ValueError, KeyError, TypeError) as bad:
+        return "sandbox_error", f"unreadable harness result: {bad}", 0.0, 0.0
+    if verdict not in VERDICTS:
+        return "sandbox_error", f"harness returned unknown verdict {verdict!r}", peak_mb, 0.0
+    return verdict, reason, peak_mb, compute_s
+
+
+def read_scores(result_file: Path) -> tuple[list[float] | None, list[str | None] | None]:
+    """The per-case `scores` and `errors` of a checker job's result file."""
+    try:
+        result = json.loads(result_file.read_text())
+        return result.get("scores"), result.get("errors")
+    except (OSError, ValueError, AttributeError):
+        return None, None
 
 
 def run_many(runner: Runner, jobs: Sequence[MergeJob], workers: int = 2) -> list[SandboxResult]:
@@ -291,13 +400,74 @@ def run_many(runner: Runner, jobs: Sequence[MergeJob], workers: int = 2) -> list
         return list(pool.map(runner.run, jobs))
 
 
-def make_runner(kind: str = "auto", limits: SandboxLimits | None = None) -> Runner:
-    """The runner for `kind`: "process", "auto" (process for now) or "docker" (not yet)."""
-    if kind in ("auto", "process"):
+def make_runner(
+    kind: str = "auto", limits: SandboxLimits | None = None, **docker_options: Any
+) -> Runner:
+    """The runner for `kind`: "docker", "process", or "auto" (Docker when a daemon is
+    reachable, else the process fallback, with a warning either way it falls back).
+
+    `docker_options` go to `DockerRunner` (pool_size, cpus, runtime, gpus, scratch_dir, ...).
+    "docker" raises SandboxUnavailable with a one-line reason when Docker cannot be used.
+    """
+    if kind not in ("auto", "docker", "process"):
+        raise ValueError(f"unknown sandbox runner {kind!r}: use 'auto', 'process' or 'docker'")
+    if kind == "process":
         return ProcessRunner(limits)
-    if kind == "docker":
-        raise SandboxUnavailable("docker runner not available yet: use runner = 'process'")
-    raise ValueError(f"unknown sandbox runner {kind!r}: use 'auto', 'process' or 'docker'")
+    from sandbox.docker_runner import DockerRunner
+
+    try:
+        return DockerRunner(limits, **docker_options)
+    except SandboxUnavailable as err:
+        if kind == "docker":
+            raise
+        _warn_once("auto", f"Docker sandbox unavailable ({err}); falling back to the process sandbox")
+        return ProcessRunner(limits)
+
+
+def confinement_prefix(control: Path, staging: Path) -> list[str]:
+    """The command prefix confining a harness process: bubblewrap if it works, else unshare.
+
+    Under bubblewrap the child has its own network, pid, ipc and uts namespaces, a read-only
+    view of the host (its TMPDIR is in the control dir), and exactly two writable dirs: its
+    control dir (job file, logs, result) and the staging dir its model is written to.
+    """
+    if not bubblewrap():
+        return list(network_prefix())
+    binds = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    for path in (control, staging):
+        binds += ["--bind", str(path), str(path)]
+    return [
+        *bubblewrap(),
+        "--unshare-net",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--die-with-parent",
+        *binds,
+        "--chdir",
+        str(control),
+        "--",
+    ]
+
+
+@lru_cache(maxsize=1)
+def bubblewrap() -> tuple[str, ...]:
+    """`("bwrap",)` when bubblewrap is installed and can create its namespaces here, else ()."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return ()
+    try:
+        probe = subprocess.run(
+            [bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--die-with-parent",
+             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--", "/bin/true"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return (bwrap,) if probe.returncode == 0 else ()
 
 
 @lru_cache(maxsize=1)
@@ -409,7 +579,7 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _read_log(path: Path, max_bytes: int) -> str:
+def read_log(path: Path, max_bytes: int) -> str:
     """The log, or its head and tail around a marker when it is over `max_bytes`."""
     size = _size(path)
     with open(path, "rb") as f:
@@ -423,21 +593,34 @@ def _read_log(path: Path, max_bytes: int) -> str:
     return (head + marker + tail).decode("utf-8", errors="replace")
 
 
-def _tail(path: Path, max_chars: int = 500) -> str:
-    text = _read_log(path, 4 * max_chars).strip() if path.is_file() else ""
+def tail(path: Path, max_chars: int = 500) -> str:
+    """The last lines of a log as one line, for a reason string."""
+    text = read_log(path, 4 * max_chars).strip() if path.is_file() else ""
     text = " | ".join(line for line in text.splitlines() if line.strip())
     return text[-max_chars:] if text else "(no stderr)"
 
 
-def _install(model_dir: Path, out_dir: Path, staging: Path) -> str | None:
-    """Move the finished model to out_dir (replacing an old one); None, or what went wrong."""
+def install_model(model_dir: Path, out_dir: Path) -> str | None:
+    """Move a finished model to out_dir atomically (replacing an old one); None, or the problem.
+
+    From another file system the model is first copied next to out_dir, so the final step is
+    always a rename: out_dir holds either the old model or the complete new one.
+    """
     if not model_dir.is_dir() or not any(model_dir.glob("*.safetensors")):
         return f"harness reported ok but wrote no model to {model_dir}"
     if out_dir.exists() and not out_dir.is_dir():
         return f"output path '{out_dir}' exists and is not a directory"
-    if out_dir.exists():
-        os.replace(out_dir, staging / "previous")
-    os.replace(model_dir, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".sandbox-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        if model_dir.stat().st_dev != staging.stat().st_dev:
+            shutil.copytree(model_dir, staging / "model")
+            model_dir = staging / "model"
+        if out_dir.exists():
+            os.replace(out_dir, staging / "previous")
+        os.replace(model_dir, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return None
 
 

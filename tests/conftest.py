@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from coevo.zoo.tiny import perturbed_copy, save_tiny_llama
+from sandbox.runner import ProcessRunner, Runner, SandboxLimits
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +31,66 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cached = os.environ.get("COEVO_TEST_ZOO")
     target = Path(cached) if cached else tmp_path_factory.mktemp("zoo") / "zoo"
     return ensure_zoo(target, seed=0, runner_kind="process")
+
+
+def require_docker() -> None:
+    """Skip when no Docker daemon and sandbox image are usable; fail instead under CI.
+
+    `.ci/run` sets COEVO_REQUIRE_DOCKER=1: there a missing daemon is a broken CI, not a skip.
+    """
+    from sandbox.docker_runner import docker_problem
+
+    problem = docker_problem()
+    if problem is None:
+        return
+    if os.environ.get("COEVO_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"Docker required (COEVO_REQUIRE_DOCKER=1) but unusable: {problem}")
+    pytest.skip(f"Docker unusable here: {problem}")
+
+
+@pytest.fixture
+def docker_ready() -> None:
+    """Docker is usable (skipped otherwise, failed under COEVO_REQUIRE_DOCKER=1)."""
+    require_docker()
+
+
+_docker_runners: dict[tuple, object] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_docker_runners() -> Iterator[None]:
+    yield
+    for runner in _docker_runners.values():
+        runner.close()  # type: ignore[attr-defined]
+    _docker_runners.clear()
+
+
+@pytest.fixture(
+    params=[pytest.param("process", id="process"), pytest.param("docker", id="docker", marks=pytest.mark.docker)]
+)
+def sandbox_kind(request: pytest.FixtureRequest) -> str:
+    """Each sandbox runner in turn: the process fallback, and Docker (marked `docker`)."""
+    kind: str = request.param
+    if kind == "docker":
+        require_docker()
+    return kind
+
+
+@pytest.fixture
+def make_sandbox(sandbox_kind: str) -> Callable[..., Runner]:
+    """`make_sandbox(**limits)` -> a runner of `sandbox_kind` with those `SandboxLimits`.
+
+    Docker runners (and their warm containers) are shared per limits across the test session.
+    """
+
+    def make(**limits: Any) -> Runner:
+        if sandbox_kind == "process":
+            return ProcessRunner(SandboxLimits(**limits))
+        from sandbox.docker_runner import DockerRunner
+
+        key = tuple(sorted(limits.items()))
+        if key not in _docker_runners:
+            _docker_runners[key] = DockerRunner(SandboxLimits(**limits), pool_size=1)
+        return _docker_runners[key]  # type: ignore[return-value]
+
+    return make

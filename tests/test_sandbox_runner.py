@@ -186,10 +186,12 @@ def test_run_many_keeps_order(tiny_models: dict, tmp_path: Path) -> None:
     assert verdicts == ["ok", "output_invalid", "rejected_by_policy"]
 
 
-def test_make_runner_kinds() -> None:
+def test_make_runner_kinds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert make_runner("process").name == "process"
-    with pytest.raises(SandboxUnavailable, match="docker runner not available"):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    with pytest.raises(SandboxUnavailable, match="no Docker daemon reachable"):
         make_runner("docker")
+    assert make_runner("auto").name == "process"  # falls back, loudly
     with pytest.raises(ValueError, match="unknown sandbox runner"):
         make_runner("vm")
     with pytest.raises(ValueError, match="timeout_s"):

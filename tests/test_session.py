@@ -18,10 +18,10 @@ pytestmark = pytest.mark.slow
 ITERATIONS, PROGRAMS = 2, 12
 
 
-def write_config(path: Path, zoo_dir: Path) -> Path:
+def write_config(path: Path, zoo_dir: Path, runner: str = "process") -> Path:
     path.write_text(
         f'seed = 1\n[zoo]\ndir = "{zoo_dir}"\n[session]\niterations = {ITERATIONS}\n'
-        f"[generator]\nprograms_per_iteration = {PROGRAMS}\n[sandbox]\nrunner = \"process\"\n"
+        f"[generator]\nprograms_per_iteration = {PROGRAMS}\n[sandbox]\nrunner = \"{runner}\"\n"
         "[report]\ntop_k = 3\n"
     )
     return path
@@ -74,10 +74,19 @@ def check_complete(workdir: Path) -> None:
 
 
 def test_session_end_to_end(tmp_path: Path, zoo_dir: Path) -> None:
-    config = write_config(tmp_path / "c.toml", zoo_dir)
+    """The default runner ("auto") is Docker wherever a daemon and the image are there (CI)."""
+    from sandbox.docker_runner import docker_problem
+
+    expected = "docker" if docker_problem() is None else "process"
+    if expected == "process" and os.environ.get("COEVO_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"Docker required but unusable: {docker_problem()}")
+    config = write_config(tmp_path / "c.toml", zoo_dir, runner="auto")
     proc = launch(str(config), "--workdir", str(tmp_path / "w"))
     output, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, output
+    assert f"[session] sandbox runner: {expected}" in output
+    with Archive.open(tmp_path / "w" / "archive.duckdb", read_only=True) as archive:
+        assert archive.query("select distinct runner from sandbox_runs")[1] == [(expected,)]
     assert "Leaderboard" in output and "Per iteration" in output
     assert "baseline:task_arithmetic" in output and "baseline:ties" in output
     check_complete(tmp_path / "w")

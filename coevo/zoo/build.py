@@ -27,6 +27,7 @@ from coevo.zoo.generator import build_generator
 from coevo.zoo.skills import SKILLS, base_example, make_tasks
 from coevo.zoo.tiny import char_tokenizer, tiny_llama_config
 from coevo.zoo.train import encode_pairs, train_lm
+from merging.io import share_readable
 
 ZOO_VERSION = 1
 # Sizes and schedules, chosen so the build takes a few minutes on 2 CPU cores.
@@ -61,6 +62,7 @@ def ensure_zoo(zoo_dir: Path, *, seed: int, runner_kind: str = "auto") -> Path:
         manifest = build_zoo(zoo_dir, seed=seed, runner_kind=runner_kind)
         for name, passed, detail in zoo_checks(manifest):
             say(f"[zoo] {'PASS' if passed else 'FAIL'} {name}: {detail}")
+    share_readable(Path(zoo_dir))  # sandbox containers read it as another user
     return Path(zoo_dir)
 
 
@@ -152,10 +154,13 @@ def _check_generator(zoo_dir: Path, experts: list[Path], tmp: Path, runner_kind:
         for i, c in enumerate(completions)
     ]
     results = []
-    with progress("generator check (sandbox)", len(jobs)) as advance:
-        for start in range(0, len(jobs), 4):
-            results += run_many(runner, jobs[start : start + 4], workers=2)
-            advance(len(jobs[start : start + 4]))
+    try:
+        with progress(f"generator check ({runner.description})", len(jobs)) as advance:
+            for start in range(0, len(jobs), 4):
+                results += run_many(runner, jobs[start : start + 4], workers=2)
+                advance(len(jobs[start : start + 4]))
+    finally:
+        runner.close()
     verdicts: dict[str, int] = {}
     for result in results:
         verdicts[result.verdict] = verdicts.get(result.verdict, 0) + 1
@@ -186,6 +191,7 @@ def build_zoo(out_dir: Path, *, seed: int = 0, runner_kind: str = "auto") -> dic
             )
         say(f"[zoo] seed generator trained in {time.time() - gen_started:.0f}s (loss {loss:.3f})")
         train_seconds = time.time() - started
+        share_readable(tmp)
         measured = measure_zoo(tmp, runner_kind=runner_kind)
         manifest = {
             "version": ZOO_VERSION,

@@ -9,6 +9,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from merging.io import share_readable
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARSET = string.ascii_letters + string.digits + string.punctuation + " \n"
 
@@ -74,6 +76,7 @@ def save_tiny_llama(
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    share_readable(out_dir)
     return out_dir
 
 
@@ -86,4 +89,5 @@ def perturbed_copy(src: Path, out_dir: Path, *, seed: int, scale: float = 0.02) 
             param.add_(torch.randn(param.shape, generator=gen) * scale)
     model.save_pretrained(out_dir)
     PreTrainedTokenizerFast.from_pretrained(src).save_pretrained(out_dir)
+    share_readable(Path(out_dir))
     return Path(out_dir)
