@@ -111,13 +111,12 @@ def baselines(state: SessionState, ctx: SessionContext) -> SessionState:
     models: list[tuple[str, str, str, Path, str | None]] = [(f"{sid}/base", "base", "base", ctx.base_dir, None)]
     models += [(m, "expert", p.name, p, None) for m, p in zip(experts, ctx.expert_dirs, strict=True)]
     models += [(f"{sid}/baseline/{m}", "baseline", m, ctx.model_dir(f"{sid}/baseline/{m}"), m) for m in BASELINE_METHODS]
-    scored_ids = ctx.archive.existing_ids("evaluations", "model_id", [m[0] for m in models])
+    if ctx.archive.existing_ids("evaluations", "model_id", [m[0] for m in models]):
+        return {}  # the step committed before (resume)
     dev, test = ctx.split("dev"), ctx.split("test")
+    model_rows, evaluation_rows = [], []
     with progress("baselines", len(models)) as advance:
         for model_id, kind, name, path, method in models:
-            if model_id in scored_ids:
-                advance()
-                continue
             if method is not None:
                 params = baseline_merge(
                     method, ctx.base_dir, ctx.expert_dirs, path, judge=ctx.judge, dev_tasks=dev,
@@ -125,13 +124,15 @@ def baselines(state: SessionState, ctx: SessionContext) -> SessionState:
                 )
                 name += "".join(f"({k}={v})" for k, v in params.items())
             scored = ctx.judge.score(path, dev + test)
-            with ctx.archive.transaction():
-                ctx.archive.add_models([{
-                    "model_id": model_id, "session_id": sid, "kind": kind, "name": name, "path": str(path),
-                    "parent_ids": [f"{sid}/base", *experts] if method else [],
-                }])
-                ctx.archive.add_evaluations(_evaluation_rows(ctx, model_id, dev + test, scored))
+            model_rows.append({
+                "model_id": model_id, "session_id": sid, "kind": kind, "name": name, "path": str(path),
+                "parent_ids": [f"{sid}/base", *experts] if method else [],
+            })
+            evaluation_rows += _evaluation_rows(ctx, model_id, dev + test, scored)
             advance(info=f"{name}: dev {mean_score(scored[: len(dev)]):.1f}")
+    with ctx.archive.transaction():  # one transaction per graph step: all of it or none
+        ctx.archive.add_models(model_rows)
+        ctx.archive.add_evaluations(evaluation_rows)
     return {}
 
 
@@ -172,7 +173,7 @@ def vet(state: SessionState, ctx: SessionContext) -> SessionState:
         "and duplicate_of is null group by 1", [sid, it],
     )[1])
     rows, to_execute = [], []
-    rendered_hash = ctx.archive.add_prompt("generator", ctx.prompt.name, state["prompt_text"])
+    rendered_hash = prompt_hash(state["prompt_text"])
     for proposal in state["proposals"]:
         code = extract_program(proposal["completion"])
         verdict = check_program(code, max_bytes=16_000)
@@ -189,7 +190,8 @@ def vet(state: SessionState, ctx: SessionContext) -> SessionState:
             "policy_ok": verdict.ok, "policy_rule": verdict.rule, "policy_reason": verdict.reason,
             "exemplar_ids": proposal["exemplar_ids"],
         })
-    with ctx.archive.transaction():
+    with ctx.archive.transaction():  # one transaction per graph step: all of it or none
+        ctx.archive.add_prompt("generator", ctx.prompt.name, state["prompt_text"])
         ctx.archive.add_algorithms(rows)
     rejected = sum(not r["policy_ok"] for r in rows)
     dupes = sum(r["duplicate_of"] is not None for r in rows)
@@ -201,15 +203,16 @@ def execute(state: SessionState, ctx: SessionContext) -> SessionState:
     """Apply each program to the experts' task vectors in the sandbox; record every verdict."""
     sid = ctx.session_id
     run_ids = {f"{a}/run": a for a in state["to_execute"]}
-    done = ctx.archive.existing_ids("sandbox_runs", "run_id", list(run_ids))
-    pending = [a for r, a in run_ids.items() if r not in done]
+    if ctx.archive.existing_ids("sandbox_runs", "run_id", list(run_ids)):
+        return {}  # the step committed before (resume)
+    pending = list(run_ids.values())
     code = dict(ctx.archive.query(
         "select algorithm_id, code from algorithms where algorithm_id in (select unnest(?))", [pending]
     )[1]) if pending else {}
     workers = ctx.config.sandbox.workers
     ok = 0
+    runs, models = [], []
     with progress(f"sandbox ({ctx.runner.name})", len(run_ids)) as advance:
-        advance(len(done))
         for start in range(0, len(pending), 4 * workers):
             chunk = pending[start : start + 4 * workers]
             jobs = [
@@ -218,7 +221,6 @@ def execute(state: SessionState, ctx: SessionContext) -> SessionState:
                 for a in chunk
             ]
             results = run_many(ctx.runner, jobs, workers=workers)
-            runs, models = [], []
             for algorithm_id, job, result in zip(chunk, jobs, results, strict=True):
                 runs.append({
                     "run_id": f"{algorithm_id}/run", "algorithm_id": algorithm_id, "runner": result.runner or ctx.runner.name,
@@ -232,11 +234,12 @@ def execute(state: SessionState, ctx: SessionContext) -> SessionState:
                         "name": algorithm_id.rsplit("/", 2)[-2] + "/" + algorithm_id.rsplit("/", 1)[-1],
                         "algorithm_id": algorithm_id, "path": str(job.out_dir),
                         "parent_ids": [f"{sid}/base"] + [f"{sid}/expert/{p.name}" for p in ctx.expert_dirs],
+                        "generation": state["iteration"],
                     })
-            with ctx.archive.transaction():
-                ctx.archive.add_sandbox_runs(runs)
-                ctx.archive.add_models(models)
             advance(len(chunk), info=f"{ok} ok")
+    with ctx.archive.transaction():  # one transaction per graph step: all of it or none
+        ctx.archive.add_sandbox_runs(runs)
+        ctx.archive.add_models(models)
     return {}
 
 
@@ -248,20 +251,20 @@ def judge(state: SessionState, ctx: SessionContext) -> SessionState:
         "where a.session_id = ? and a.iteration = ? and m.kind = 'merged' order by m.model_id",
         [ctx.session_id, it],
     )[1]
-    done = ctx.archive.existing_ids("evaluations", "model_id", [m for m, _ in merged])
+    if ctx.archive.existing_ids("evaluations", "model_id", [m for m, _ in merged]):
+        return {}  # the step committed before (resume)
     dev = ctx.split("dev")
     best = None
+    rows = []
     with progress("judge (dev)", len(merged)) as advance:
-        advance(len(done))
         for model_id, path in merged:
-            if model_id in done:
-                continue
             scored = ctx.judge.score(Path(path), dev)
-            with ctx.archive.transaction():
-                ctx.archive.add_evaluations(_evaluation_rows(ctx, model_id, dev, scored))
+            rows += _evaluation_rows(ctx, model_id, dev, scored)
             score = mean_score(scored)
             best = score if best is None else max(best, score)
             advance(info=f"best {best:.1f}")
+    with ctx.archive.transaction():  # one transaction per graph step: all of it or none
+        ctx.archive.add_evaluations(rows)
     return {}
 
 
@@ -314,7 +317,8 @@ def improve(state: SessionState, ctx: SessionContext) -> SessionState:
             {"pair_id": f"{dpo_run_id}/p{i:04d}", "session_id": sid, "iteration": it,
              "prompt_hash": prompt_hash(state["prompt_text"]),
              "chosen_algorithm_id": p["chosen_id"], "rejected_algorithm_id": p["rejected_id"],
-             "chosen_score": p["chosen_score"], "rejected_score": p["rejected_score"] if p["rejected_score"] is not None else float("nan")}
+             "chosen_score": p["chosen_score"], "rejected_score": p["rejected_score"] if p["rejected_score"] is not None else float("nan"),
+             "dpo_run_id": dpo_run_id}
             for i, p in enumerate(pairs)
         ])
         ctx.archive.add_dpo_run({
@@ -336,14 +340,16 @@ def report(state: SessionState, ctx: SessionContext) -> SessionState:
     scored_ids = {r[0] for r in ctx.archive.query(
         "select distinct e.model_id from evaluations e join tasks t using (task_id) "
         "where t.split = 'test' and e.model_id in (select unnest(?))", [ids])[1]} if ids else set()
+    rows = []
     with progress("test split (top algorithms)", len(ids)) as advance:
         for model_id in ids:
             if model_id not in scored_ids:
                 scored = ctx.judge.score(Path(paths[model_id]), test)
-                with ctx.archive.transaction():
-                    ctx.archive.add_evaluations(_evaluation_rows(ctx, model_id, test, scored))
+                rows += _evaluation_rows(ctx, model_id, test, scored)
             advance()
-    ctx.archive.finish_session(ctx.session_id, "finished")
+    with ctx.archive.transaction():  # one transaction per graph step: all of it or none
+        ctx.archive.add_evaluations(rows)
+        ctx.archive.finish_session(ctx.session_id, "finished")
     return {"finished": True}
 
 

@@ -1,7 +1,7 @@
 """coevo's DuckDB archive: schema + migrations, batched writer, read API, SQL shell."""
 
-from archive_store.shell import run_sql, tables_and_views
-from archive_store.store import SCHEMA_VERSION, Archive, ArchiveError, prompt_hash
+from archive_store.shell import run_sql, schema_of, tables_and_views
+from archive_store.store import SCHEMA_VERSION, Archive, ArchiveError, prompt_hash, snapshot_path
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -9,5 +9,7 @@ __all__ = [
     "ArchiveError",
     "prompt_hash",
     "run_sql",
+    "schema_of",
+    "snapshot_path",
     "tables_and_views",
 ]

@@ -14,20 +14,35 @@ import duckdb
 
 from archive_store.store import Archive, ArchiveError
 
-FORMATS = ("table", "csv", "json", "markdown")
+FORMATS = ("table", "csv", "json", "markdown", "parquet")
 _CHANGES = (duckdb.StatementType.INSERT, duckdb.StatementType.UPDATE, duckdb.StatementType.DELETE)
 MAX_CELL = 60
 
 
-def run_sql(archive_path: Path, sql: str, *, fmt: str = "table", write: bool = False) -> str:
+def run_sql(
+    archive_path: Path,
+    sql: str,
+    *,
+    fmt: str = "table",
+    write: bool = False,
+    out: Path | None = None,
+) -> str:
     """Execute `sql` on the archive (read-only unless `write`) and return it formatted.
 
     `fmt` is one of 'table' (aligned, cells cut to 60 chars), 'csv', 'json' (a list of
-    objects) or 'markdown'. SQL errors raise `ArchiveError` with DuckDB's message on one line.
+    objects), 'markdown' or 'parquet' (needs `out`). With `out` the result goes to that file
+    (written whole, then renamed into place) and the return value says so. Readers open the
+    archive's snapshot while a session writes (see `archive_store.store`). SQL errors raise
+    `ArchiveError` with DuckDB's message on one line.
     """
     if fmt not in FORMATS:
         raise ArchiveError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "parquet" and out is None:
+        raise ArchiveError("--format parquet writes a file: add --out FILE.parquet")
     with Archive.open(Path(archive_path), read_only=not write) as archive:
+        if fmt == "parquet":
+            assert out is not None
+            return _to_parquet(archive, sql, Path(out))
         try:
             columns, rows = archive.query(sql)
         except ArchiveError as exc:
@@ -44,11 +59,57 @@ def run_sql(archive_path: Path, sql: str, *, fmt: str = "table", write: bool = F
             return f"OK, {changed} row{'s' if changed != 1 else ''} changed"
         if kind != duckdb.StatementType.SELECT:
             return "OK"
-    return {"table": _table, "csv": _csv, "json": _json, "markdown": _markdown}[fmt](columns, rows)
+    text = {"table": _table, "csv": _csv, "json": _json, "markdown": _markdown}[fmt](columns, rows)
+    if out is None:
+        return text
+    _write_atomic(Path(out), text if text.endswith("\n") else text + "\n")
+    return f"wrote {len(rows)} row{'s' if len(rows) != 1 else ''} to {out}"
 
 
-def tables_and_views(archive_path: Path) -> str:
-    """A table of the archive's tables (with row counts) and views, with their columns."""
+def _to_parquet(archive: Archive, sql: str, out: Path) -> str:
+    statements = duckdb.extract_statements(sql)
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise ArchiveError("--format parquet takes exactly one SELECT statement")
+    query = statements[0].query.strip().rstrip(";")
+    tmp = out.with_name(f".{out.name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        archive.query(f"COPY ({query}) TO '{str(tmp).replace(chr(39), chr(39) * 2)}' (FORMAT parquet)")
+        rows = archive.scalar(f"SELECT count(*) FROM read_parquet('{str(tmp).replace(chr(39), chr(39) * 2)}')")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return f"wrote {rows} row{'s' if rows != 1 else ''} to {out}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ArchiveError(f"cannot write {path}: {err}") from None
+
+
+def schema_of(archive_path: Path, name: str | None = None) -> str:
+    """The SQL that defines one table or view (or all of them), as stored in the archive."""
+    with Archive.open(Path(archive_path), read_only=True) as archive:
+        rows = archive.query(
+            "SELECT name, sql FROM (SELECT table_name AS name, sql FROM duckdb_tables() "
+            "WHERE database_name = current_database() UNION ALL SELECT view_name, sql "
+            "FROM duckdb_views() WHERE database_name = current_database() AND NOT internal) "
+            "WHERE ? IS NULL OR name = ? ORDER BY name",
+            [name, name],
+        )[1]
+    if not rows:
+        raise ArchiveError(f"no table or view named {name!r} (see .tables)")
+    return "\n\n".join(sql.strip() for _, sql in rows)
+
+
+def tables_and_views(archive_path: Path, kind: str | None = None) -> str:
+    """A table of the archive's tables (with row counts) and/or views, with their columns."""
     with Archive.open(Path(archive_path), read_only=True) as archive:
         columns, rows = archive.query(
             """
@@ -66,8 +127,10 @@ def tables_and_views(archive_path: Path) -> str:
             JOIN duckdb_columns() c
                    ON c.table_name = t.table_name AND c.database_name = current_database()
             GROUP BY ALL
+            HAVING ? IS NULL OR kind = ?
             ORDER BY kind, name
-            """
+            """,
+            [kind, kind],
         )
     return _table(columns, rows, max_cell=10_000)
 

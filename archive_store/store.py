@@ -6,8 +6,12 @@ batch becomes one pyarrow table and one `INSERT OR IGNORE … SELECT`, so replay
 resume is harmless and 50k evaluation rows cost one statement, not 50k.
 
 DuckDB allows one process to hold a file writable, and no other process may open it while it
-does (not even read-only). The session therefore keeps its `Archive` open for its whole
-life; readers that find it locked get an `ArchiveError` naming the writer's pid.
+does (not even read-only). So readers never touch the live file: the writer publishes a
+read-only copy, `<archive>.snapshot`, after every graph step (`publish_snapshot`) and when it
+closes, by copying the checkpointed file and renaming the copy into place. Readers
+(`Archive.open(read_only=True)`) open the snapshot when there is one: they never block or
+break the writer, any number of them can read at once, and what they see is at most one graph
+step old. Only an archive without a snapshot (never closed by a writer) is read directly.
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import operator
+import os
 import re
+import shutil
+import signal
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -71,6 +81,62 @@ def migrations() -> list[tuple[int, str, str]]:
 
 
 SCHEMA_VERSION = len(migrations())
+# Summary tables: derived from `evaluations` / `sandbox_runs`, kept by `add_evaluations` /
+# `add_sandbox_runs` in the writer's transaction, rebuilt after imports, never exported.
+SUMMARY_TABLES = ("model_scores", "task_scores", "generation_task_scores", "latest_runs")
+# Adds the sandbox runs in the registered relation `{new}` to `latest_runs`.
+_ADD_RUNS_TO_SUMMARIES = """
+INSERT INTO latest_runs
+SELECT algorithm_id,
+       arg_max(run_id, (created_at, run_id)), arg_max(verdict, (created_at, run_id)),
+       arg_max(duration_s, (created_at, run_id)), arg_max(peak_memory_mb, (created_at, run_id)),
+       max(created_at)
+FROM {new}
+GROUP BY algorithm_id
+ON CONFLICT (algorithm_id) DO UPDATE SET
+    run_id = excluded.run_id, verdict = excluded.verdict, duration_s = excluded.duration_s,
+    peak_memory_mb = excluded.peak_memory_mb, created_at = excluded.created_at
+WHERE excluded.created_at > latest_runs.created_at
+   OR (excluded.created_at = latest_runs.created_at AND excluded.run_id >= latest_runs.run_id);
+"""
+# Adds the evaluations in the registered relation `{new}` to the summary tables.
+_ADD_TO_SUMMARIES = """
+INSERT INTO model_scores
+SELECT e.model_id, t.split, e.judge, count(*), sum(e.score), count(*) FILTER (WHERE e.score >= 1)
+FROM {new} e JOIN tasks t ON t.task_id = e.task_id
+GROUP BY ALL
+ON CONFLICT (model_id, split, judge) DO UPDATE SET
+    n_tasks = model_scores.n_tasks + excluded.n_tasks,
+    sum_score = model_scores.sum_score + excluded.sum_score,
+    n_solved = model_scores.n_solved + excluded.n_solved;
+INSERT INTO task_scores
+SELECT e.task_id, e.judge, count(*), sum(e.score), count(*) FILTER (WHERE e.score >= 1)
+FROM {new} e
+GROUP BY ALL
+ON CONFLICT (task_id, judge) DO UPDATE SET
+    n_models = task_scores.n_models + excluded.n_models,
+    sum_score = task_scores.sum_score + excluded.sum_score,
+    n_solved = task_scores.n_solved + excluded.n_solved;
+INSERT INTO generation_task_scores
+SELECT m.session_id, m.generation, e.task_id, e.judge, count(*), max(e.score)
+FROM {new} e JOIN models m ON m.model_id = e.model_id
+WHERE m.generation IS NOT NULL
+GROUP BY ALL
+ON CONFLICT (session_id, generation, task_id, judge) DO UPDATE SET
+    n_models = generation_task_scores.n_models + excluded.n_models,
+    best_score = greatest(generation_task_scores.best_score, excluded.best_score);
+"""
+SNAPSHOT_SUFFIX = ".snapshot"
+WRITER_LOCK_WAIT_S = 10.0
+# Fault injection for the crash tests: "TABLE:N" SIGKILLs this process inside the transaction
+# of the N-th write to TABLE, after the rows went in and before the commit.
+_FAULT = os.environ.get("COEVO_FAULT_KILL_IN_WRITE", "")
+_fault_writes: dict[str, int] = {}
+
+
+def snapshot_path(path: Path) -> Path:
+    """Where readers find the published copy of the archive at `path`."""
+    return Path(path).with_name(Path(path).name + SNAPSHOT_SUFFIX)
 
 _BOOTSTRAP = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -87,22 +153,31 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
         raise ArchiveError(f"no archive at {path}: check the path, or run a session first")
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return duckdb.connect(str(path), read_only=read_only)
-    except duckdb.Error as exc:
-        message = one_line(str(exc))
-        if "not a valid DuckDB database" in message:
-            raise ArchiveError(
-                f"{path} is not a coevo archive (not a DuckDB database file): {message}"
-            ) from None
-        if "Could not set lock" in message or "Conflicting lock" in message:
-            pid = re.search(r"PID (\d+)", message)
-            raise ArchiveError(
-                f"archive {path} is in use by a running session "
-                f"(pid {pid.group(1) if pid else '?'}): wait for it to finish or stop it, "
-                f"then retry ({message})"
-            ) from None
-        raise ArchiveError(f"cannot open archive {path}: {message}") from None
+    # A reader of an archive without a snapshot holds the file for a moment: a writer waits.
+    deadline = time.monotonic() + (0 if read_only else WRITER_LOCK_WAIT_S)
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.Error as exc:
+            message = one_line(str(exc))
+            locked = "Could not set lock" in message or "Conflicting lock" in message
+            if not (locked and time.monotonic() < deadline):
+                break
+        time.sleep(0.2)
+    if "not a valid DuckDB database" in message:
+        raise ArchiveError(
+            f"{path} is not a coevo archive (not a DuckDB database file): {message}"
+        ) from None
+    if "Could not set lock" in message or "Conflicting lock" in message:
+        pid = re.search(r"PID (\d+)", message)
+        raise ArchiveError(
+            f"archive {path} is in use by a running session "
+            f"(pid {pid.group(1) if pid else '?'}): wait for it to finish or stop it, "
+            f"then retry ({message})"
+        ) from None
+    if _DAMAGED.search(message):
+        raise ArchiveError(_damaged(path, message)) from None
+    raise ArchiveError(f"cannot open archive {path}: {message}") from None
 
 
 class Archive:
@@ -111,8 +186,10 @@ class Archive:
     def __init__(self, con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None:
         self._con = con
         self.path = path
+        self.source = path  # the file actually open: the snapshot, for readers that have one
         self.read_only = read_only
         self._in_transaction = False
+        self._closed = False
         self._columns = self._load_columns()
 
     # ----------------------------------------------------------------- open / close
@@ -125,7 +202,10 @@ class Archive:
         from this code's, saying what to do.
         """
         path = Path(path)
-        con = _connect(path, read_only)
+        source = path
+        if read_only and snapshot_path(path).is_file():
+            source = snapshot_path(path)
+        con = _connect(source, read_only)
         try:
             version = _schema_version(con, path)
             if version > SCHEMA_VERSION:
@@ -144,11 +224,41 @@ class Archive:
         except BaseException:
             con.close()
             raise
-        return cls(con, path, read_only)
+        archive = cls(con, path, read_only)
+        archive.source = source
+        if not read_only:
+            archive.publish_snapshot()
+        return archive
 
     def close(self) -> None:
-        """Close the connection (a no-op when already closed)."""
-        self._con.close()
+        """Publish the snapshot (writers) and close the connection; a no-op when closed."""
+        if self._closed:
+            return
+        try:
+            if not self.read_only and not self._in_transaction:
+                self.publish_snapshot()
+        finally:
+            self._closed = True
+            self._con.close()
+
+    def publish_snapshot(self) -> None:
+        """Give readers the committed state: checkpoint, copy, rename over `<file>.snapshot`.
+
+        Called by the session after every graph step and by `close`; readers that have the old
+        snapshot open keep reading it (the rename does not touch their file).
+        """
+        self._check_writable()
+        if self._in_transaction:
+            raise ArchiveError("publish_snapshot inside a transaction would publish half a step")
+        self._execute("CHECKPOINT")
+        target = snapshot_path(self.path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            shutil.copyfile(self.path, tmp)
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise ArchiveError(f"cannot publish the archive snapshot {target}: {err}") from None
 
     def __enter__(self) -> Archive:
         return self
@@ -260,15 +370,20 @@ class Archive:
         """Insert sandbox executions; returns how many were new.
 
         Keys: run_id, algorithm_id, runner, verdict; optional: reason, duration_s,
-        peak_memory_mb, stdout, stderr, created_at.
+        peak_memory_mb, stdout, stderr, created_at. `latest_runs` takes the new rows too.
         """
-        return self._insert("sandbox_runs", rows)
+        new = self._insert(
+            "sandbox_runs",
+            rows,
+            returning="algorithm_id, run_id, verdict, duration_s, peak_memory_mb, created_at",
+        )
+        return self._add_to_summaries(new, _ADD_RUNS_TO_SUMMARIES)
 
     def add_models(self, rows: list[dict[str, Any]]) -> int:
         """Insert models; returns how many were new.
 
         Keys: model_id, session_id, kind ('base' | 'expert' | 'baseline' | 'merged'), name;
-        optional: algorithm_id, parent_ids (list[str]), mutation, path, created_at.
+        optional: algorithm_id, parent_ids (list[str]), mutation, path, generation, created_at.
         """
         return self._insert("models", rows)
 
@@ -283,15 +398,49 @@ class Archive:
     def add_evaluations(self, rows: list[dict[str, Any]]) -> int:
         """Insert scores of models on tasks; returns how many were new.
 
-        Keys: model_id, task_id, judge, score; optional: answer, created_at.
+        Keys: model_id, task_id, judge, score; optional: answer, created_at. The summary
+        tables (`model_scores`, `task_scores`, `generation_task_scores`) take the new rows in
+        the same statement group, so they always match the evaluations (inside a transaction,
+        both land or neither does).
         """
-        return self._insert("evaluations", rows)
+        new = self._insert("evaluations", rows, returning="model_id, task_id, judge, score")
+        return self._add_to_summaries(new, _ADD_TO_SUMMARIES)
+
+    def _add_to_summaries(self, new: Any, sql: str) -> int:
+        """Run a summary update over the just-inserted rows `new` (Arrow); their count."""
+        if isinstance(new, int) or new.num_rows == 0:
+            return 0
+        view = f"_archive_new_{next(_batch_names)}"
+        self._con.register(view, new)
+        try:
+            self._execute(sql.format(new=view))
+        finally:
+            self._con.unregister(view)
+        return int(new.num_rows)
+
+    def rebuild_summaries(self) -> None:
+        """Recompute the summary tables from all evaluations (after an import or a merge)."""
+        self._check_writable()
+        own = not self._in_transaction
+        if own:
+            self._con.begin()
+        try:
+            for table in SUMMARY_TABLES:
+                self._execute(f"DELETE FROM {table}")
+            self._execute(_ADD_TO_SUMMARIES.format(new="evaluations"))
+            self._execute(_ADD_RUNS_TO_SUMMARIES.format(new="sandbox_runs"))
+        except BaseException:
+            if own:
+                self._con.rollback()
+            raise
+        if own:
+            self._con.commit()
 
     def add_preference_pairs(self, rows: list[dict[str, Any]]) -> int:
         """Insert DPO preference pairs; returns how many were new.
 
         Keys: pair_id, session_id, iteration, prompt_hash, chosen_algorithm_id,
-        rejected_algorithm_id, chosen_score, rejected_score; optional: created_at.
+        rejected_algorithm_id, chosen_score, rejected_score; optional: dpo_run_id, created_at.
         """
         return self._insert("preference_pairs", rows)
 
@@ -378,6 +527,93 @@ class Archive:
         )
         return rows[0] if rows else None
 
+    # ------------------------------------------------------- export / import / merge
+
+    def tables(self) -> list[str]:
+        """The archive's data tables (not `schema_version` nor the derived summary tables)."""
+        rows = self._execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = 'main' AND table_name != 'schema_version' ORDER BY table_oid"
+        ).fetchall()
+        return [row[0] for row in rows if row[0] not in SUMMARY_TABLES]
+
+    def export_parquet(self, out_dir: Path) -> dict[str, int]:
+        """Write one Parquet file per table plus `manifest.json`; returns rows per table.
+
+        Files are written under a temporary name and renamed, table by table; the manifest is
+        written last, so a directory with a manifest is a complete export.
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "manifest.json").unlink(missing_ok=True)
+        counts: dict[str, int] = {}
+        for table in self.tables():
+            tmp = out_dir / f".{table}.parquet.tmp"
+            self._execute(
+                f"COPY (SELECT * FROM {_quote(table)}) TO '{_sql_path(tmp)}' "
+                "(FORMAT parquet, COMPRESSION zstd)"
+            )
+            os.replace(tmp, out_dir / f"{table}.parquet")
+            counts[table] = int(self.scalar(f"SELECT count(*) FROM {_quote(table)}"))
+        manifest = {"format": "coevo-archive-export", "schema_version": SCHEMA_VERSION, "rows": counts}
+        (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        return counts
+
+    def import_parquet(self, in_dir: Path) -> dict[str, int]:
+        """Add an export's rows (rows whose key is already here are kept as they are), in one
+        transaction; returns the new rows per table."""
+        in_dir = Path(in_dir)
+        try:
+            manifest = json.loads((in_dir / "manifest.json").read_text())
+        except (OSError, ValueError) as err:
+            raise ArchiveError(
+                f"{in_dir} is not a complete coevo archive export (manifest.json: {err})"
+            ) from None
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ArchiveError(
+                f"{in_dir} was exported at schema v{version}, this coevo writes v{SCHEMA_VERSION}: "
+                "export it again with this coevo (opening the source archive migrates it)"
+            )
+        sources = {t: f"read_parquet('{_sql_path(in_dir / f'{t}.parquet')}')" for t in manifest["rows"]}
+        return self._add_from(sources)
+
+    def merge_from(self, other: Path) -> dict[str, int]:
+        """Add another archive's rows (rows whose key is already here are kept), in one
+        transaction; returns the new rows per table. Ids carry their session id, so archives
+        of different sessions and machines merge without collisions."""
+        other = Path(other)
+        if other.resolve() == self.path.resolve():
+            raise ArchiveError("cannot merge an archive into itself")
+        source = snapshot_path(other) if snapshot_path(other).is_file() else other
+        if not source.is_file():
+            raise ArchiveError(f"no archive at {other}")
+        self._execute(f"ATTACH '{_sql_path(source)}' AS merge_source (READ_ONLY)")
+        try:
+            version = self.scalar("SELECT coalesce(max(version), 0) FROM merge_source.schema_version")
+            if version != SCHEMA_VERSION:
+                raise ArchiveError(
+                    f"{other} has schema v{version}, this coevo writes v{SCHEMA_VERSION}: open it "
+                    "once with this coevo (coevo sql --write --archive ...) to migrate it first"
+                )
+            return self._add_from({t: f"merge_source.{_quote(t)}" for t in self.tables()})
+        finally:
+            self._con.execute("DETACH merge_source")
+
+    def _add_from(self, sources: dict[str, str]) -> dict[str, int]:
+        unknown = sorted(set(sources) - set(self.tables()))
+        if unknown:
+            raise ArchiveError(f"unknown table(s) {unknown}: not an archive of this schema")
+        added: dict[str, int] = {}
+        with self.transaction():
+            for table, source in sources.items():
+                result = self._execute(
+                    f"INSERT OR IGNORE INTO {_quote(table)} BY NAME SELECT * FROM {source}"
+                ).fetchone()
+                added[table] = int(result[0]) if result else 0
+            self.rebuild_summaries()
+        return added
+
     # ---------------------------------------------------------------------- helpers
 
     def _execute(self, sql: str, params: list[Any] | None = None) -> duckdb.DuckDBPyConnection:
@@ -385,6 +621,8 @@ class Archive:
             return self._con.execute(sql, params)
         except duckdb.Error as exc:
             message = one_line(str(exc))
+            if _DAMAGED.search(message):
+                raise ArchiveError(_damaged(self.source, message)) from None
             if "read-only mode" in message:
                 message += (
                     f" (archive {self.path} is open read-only; open it writable to change it)"
@@ -410,31 +648,45 @@ class Archive:
             tables.setdefault(table, {})[column] = _Column(data_type, required, default)
         return tables
 
-    def _insert(self, table: str, rows: list[dict[str, Any]]) -> int:
-        """Insert `rows` into `table` in one statement, ignoring rows whose key exists."""
+    def _insert(self, table: str, rows: list[dict[str, Any]], *, returning: str = "") -> Any:
+        """Insert `rows` into `table` in one statement, ignoring rows whose key exists.
+
+        Returns the number of new rows, or with `returning` ("col, col") the new rows' columns
+        as an Arrow table.
+        """
         self._check_writable()
         if not rows:
             return 0
         columns = self._columns[table]
-        unknown = sorted({key for row in rows for key in row} - set(columns))
+        # Rows of one batch nearly always share their keys: check each distinct key set once.
+        key_sets = {tuple(row) for row in rows}
+        given = set().union(*key_sets)
+        unknown = sorted(given - set(columns))
         if unknown:
             raise ArchiveError(f"{table}: unknown column(s) {unknown}; known: {sorted(columns)}")
-        required = [name for name, column in columns.items() if column.required]
-        for index, row in enumerate(rows):
-            missing = [name for name in required if row.get(name) is None]
-            if missing:
-                raise ArchiveError(f"{table} row {index}: missing {missing}: {row!r:.200}")
-        present = [name for name in columns if any(name in row for row in rows)]
+        in_every_row = set(columns).intersection(*key_sets)
+        present = [name for name in columns if name in given]
         arrays = {}
         for name in present:
-            data_type = columns[name].data_type
-            values = [row.get(name) for row in rows]
-            if data_type == "JSON":
+            column = columns[name]
+            if name in in_every_row:
+                values = list(map(operator.itemgetter(name), rows))
+            else:
+                values = [row.get(name) for row in rows]
+            if column.required and None in values:
+                index = values.index(None)
+                raise ArchiveError(f"{table} row {index}: missing {name!r}: {rows[index]!r:.200}")
+            if column.data_type == "JSON":
                 values = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
             try:
-                arrays[name] = pa.array(values, type=_ARROW_TYPES.get(data_type))
+                arrays[name] = pa.array(values, type=_ARROW_TYPES.get(column.data_type))
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-                raise ArchiveError(f"{table}.{name} ({data_type}): {one_line(str(exc))}") from None
+                raise ArchiveError(
+                    f"{table}.{name} ({column.data_type}): {one_line(str(exc))}"
+                ) from None
+        missing = [n for n, c in columns.items() if c.required and n not in given]
+        if missing:
+            raise ArchiveError(f"{table} row 0: missing {missing}: {rows[0]!r:.200}")
         # A column with a SQL default may be given for some rows only: SQL fills the others.
         select = ", ".join(
             f"coalesce({_quote(name)}, {columns[name].default})"
@@ -445,19 +697,54 @@ class Archive:
         view = f"_archive_batch_{next(_batch_names)}"
         self._con.register(view, pa.table(arrays))
         try:
-            result = self._execute(
+            statement = (
                 f"INSERT OR IGNORE INTO {_quote(table)} ({', '.join(map(_quote, present))}) "
                 f"SELECT {select} FROM {view}"
-            ).fetchone()
+            )
+            if returning:
+                with warnings.catch_warnings():  # "an extra copy": a batch, not a big result
+                    warnings.simplefilter("ignore", UserWarning)
+                    inserted = self._execute(f"{statement} RETURNING {returning}").to_arrow_table()
+            else:
+                result = self._execute(statement).fetchone()
         finally:
             self._con.unregister(view)
+        if _FAULT and self._in_transaction:
+            _maybe_crash(table)
+        if returning:
+            return inserted
         return int(result[0]) if result else 0
+
+
+_DAMAGED = re.compile(r"Could not read enough bytes|[Cc]orrupt|checksum|Invalid block")
+
+
+def _damaged(path: Path, message: str) -> str:
+    return (
+        f"archive {path} is damaged or truncated ({message}): restore it from a backup or an "
+        "export (`coevo archive import`)"
+    )
+
+
+def _maybe_crash(table: str) -> None:
+    """SIGKILL this process mid-transaction on the N-th write to TABLE ("TABLE:N"); tests only."""
+    name, _, count = _FAULT.partition(":")
+    if name != table:
+        return
+    _fault_writes[table] = _fault_writes.get(table, 0) + 1
+    if _fault_writes[table] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Column(NamedTuple):
     data_type: str
     required: bool
     default: str | None
+
+
+def _sql_path(path: Path) -> str:
+    """A file path as the inside of a single-quoted SQL string."""
+    return str(path).replace("'", "''")
 
 
 def _quote(identifier: str) -> str:
@@ -492,6 +779,11 @@ def _migrate(con: duckdb.DuckDBPyConnection, current: int) -> None:
         con.begin()
         try:
             con.execute(sql)
+            if version == 3:  # v3 adds the summary tables: fill them from the evaluations
+                for table in SUMMARY_TABLES:
+                    con.execute(f"DELETE FROM {table}")
+                con.execute(_ADD_TO_SUMMARIES.format(new="evaluations"))
+                con.execute(_ADD_RUNS_TO_SUMMARIES.format(new="sandbox_runs"))
             con.execute("INSERT INTO schema_version (version, name) VALUES (?, ?)", [version, name])
         except duckdb.Error as exc:
             con.rollback()

@@ -85,38 +85,114 @@ def _archive_path(args: argparse.Namespace) -> Path:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from archive_store import ArchiveError, run_sql, tables_and_views
+    from archive_store import ArchiveError, run_sql
 
     path = _archive_path(args)
+    out = Path(args.out) if args.out else None
     if args.command is not None or args.file is not None:
-        sql = args.command if args.command is not None else Path(args.file).read_text()
-        print(run_sql(path, sql, fmt=args.format, write=args.write))
+        sql = args.command if args.command is not None else _read_sql_file(args.file)
+        print(run_sql(path, sql, fmt=args.format, write=args.write, out=out))
         return 0
     try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
-    print(f"coevo sql on {path} ({'read-write' if args.write else 'read-only'}); end statements with ';', "
-          "'.tables' lists tables and views, '.quit' exits")
-    buffer: list[str] = []
-    while True:
+        import readline
+    except ImportError:  # pragma: no cover - readline is missing on some platforms
+        readline = None  # type: ignore[assignment]
+    history = Path.home() / ".cache" / "coevo" / "sql_history"
+    if readline is not None:
         try:
-            line = input("... " if buffer else "sql> ")
-        except EOFError:
-            print()
-            return 0
-        if not buffer and line.strip() in (".quit", ".exit"):
-            return 0
-        if not buffer and line.strip() in (".tables", ".views", ".schema"):
-            print(tables_and_views(path))
-            continue
-        buffer.append(line)
-        if line.rstrip().endswith(";"):
+            readline.read_history_file(history)
+        except OSError:
+            pass
+    print(f"coevo sql on {path} ({'read-write' if args.write else 'read-only'}); statements end with ';' "
+          "and may span lines; .tables .views .schema [NAME] .help .quit")
+    buffer: list[str] = []
+    try:
+        while True:
             try:
-                print(run_sql(path, "\n".join(buffer), fmt=args.format, write=args.write))
-            except ArchiveError as err:
-                print(f"error: {err}", file=sys.stderr)
-            buffer = []
+                line = input("   ...> " if buffer else "coevo> ")
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                print()
+                buffer = []
+                continue
+            if not buffer and line.strip().startswith("."):
+                if _dot_command(path, line.strip()):
+                    return 0
+                continue
+            buffer.append(line)
+            if line.rstrip().endswith(";"):
+                try:
+                    print(run_sql(path, "\n".join(buffer), fmt=args.format, write=args.write, out=out))
+                except ArchiveError as err:
+                    print(f"error: {err}", file=sys.stderr)
+                buffer = []
+    finally:
+        if readline is not None:
+            try:
+                history.parent.mkdir(parents=True, exist_ok=True)
+                readline.set_history_length(2000)
+                readline.write_history_file(history)
+            except OSError:
+                pass
+
+
+def _dot_command(path: Path, line: str) -> bool:
+    """Run one shell command (`.tables` ...); True when the shell should exit."""
+    from archive_store import ArchiveError, schema_of, tables_and_views
+
+    command, _, name = line.partition(" ")
+    try:
+        if command in (".quit", ".exit"):
+            return True
+        if command == ".tables":
+            print(tables_and_views(path))
+        elif command == ".views":
+            print(tables_and_views(path, kind="view"))
+        elif command == ".schema":
+            print(schema_of(path, name.strip() or None))
+        else:
+            print(".tables     tables and views with their columns\n.views      views only\n"
+                  ".schema [N] the SQL defining table or view N (all without N)\n.quit       leave")
+    except ArchiveError as err:
+        print(f"error: {err}", file=sys.stderr)
+    return False
+
+
+def _read_sql_file(name: str) -> str:
+    from archive_store import ArchiveError
+
+    try:
+        return Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ArchiveError(f"cannot read SQL file {name}: {err}") from None
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    from archive_store import Archive, ArchiveError
+
+    path = Path(args.archive) if args.archive else Path(args.workdir) / "archive.duckdb"
+    if args.archive_command == "export":
+        if not path.is_file():
+            raise ArchiveError(f"no archive at {path} (pass --workdir / --archive)")
+        with Archive.open(path, read_only=True) as archive:
+            counts = archive.export_parquet(Path(args.dir))
+        print(f"exported {sum(counts.values())} rows of {len(counts)} tables to {args.dir}")
+        return 0
+    with Archive.open(path) as archive:
+        if args.archive_command == "import":
+            added = archive.import_parquet(Path(args.dir))
+            source = args.dir
+        else:
+            added = {}
+            for other in args.others:
+                for table, n in archive.merge_from(Path(other)).items():
+                    added[table] = added.get(table, 0) + n
+            source = ", ".join(args.others)
+    detail = ", ".join(f"{table} {n}" for table, n in added.items() if n) or "nothing new"
+    print(f"added from {source} into {path}: {detail}")
+    return 0
 
 
 def cmd_review(args: argparse.Namespace) -> int:
@@ -229,9 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archive", help="an explicit archive.duckdb path")
     p.add_argument("-c", "--command", help="one SQL statement")
     p.add_argument("-f", "--file", help="a .sql file")
-    p.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table")
+    p.add_argument("--format", choices=["table", "csv", "json", "markdown", "parquet"], default="table")
+    p.add_argument("--out", help="write the result to this file (needed for parquet)")
     p.add_argument("--write", action="store_true", help="allow writes (no session may be running)")
     p.set_defaults(func=cmd_sql)
+
+    archive = sub.add_parser("archive", help="export, import or merge archives")
+    archive_sub = archive.add_subparsers(dest="archive_command", required=True)
+    p = archive_sub.add_parser("export", help="write every table as Parquet (plus manifest.json) to DIR")
+    p.add_argument("dir")
+    p = archive_sub.add_parser("import", help="add the rows of an export DIR to the archive")
+    p.add_argument("dir")
+    p = archive_sub.add_parser("merge", help="add the rows of other archive files to the archive")
+    p.add_argument("others", nargs="+", metavar="OTHER.duckdb")
+    for p in archive_sub.choices.values():
+        workdir(p)
+        p.add_argument("--archive", help="an explicit archive.duckdb path")
+        p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("review", help="review generated algorithms: list, or `show ID`")
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import secrets
 import sqlite3
 import time
 from pathlib import Path
@@ -67,7 +68,8 @@ def run_session(config: Config | None, workdir: Path, *, resume: bool = False) -
             say(f"[session] resuming {session_id}")
         else:
             config = config or Config()
-            session_id = time.strftime("%Y%m%d-%H%M%S") + f"-s{config.seed}"
+            # The random suffix keeps ids unique when archives of several machines are merged.
+            session_id = time.strftime("%Y%m%d-%H%M%S") + f"-s{config.seed}-{secrets.token_hex(2)}"
         base, experts, tasks_dir, zoo_generator, task_set = _resolve_models(config, config.sandbox.runner)
         check_compatible(base, experts)
         runner = config.sandbox.make_runner(scratch_dir=workdir / ".sandbox")
@@ -104,7 +106,7 @@ def run_session(config: Config | None, workdir: Path, *, resume: bool = False) -
                 "iteration": 0, "generator_version": 0, "generator_path": str(generator_dir), "finished": False,
             }
             for _ in graph.stream(start, run_config, durability="sync"):
-                pass
+                archive.publish_snapshot()  # readers (coevo sql) see each step once it is whole
         finally:
             conn.close()
         say("")

@@ -362,8 +362,14 @@ def test_files_that_are_not_archives(tmp_path: Path) -> None:
         Archive.open(other)
 
 
-def test_archive_locked_by_a_running_writer(path: Path) -> None:
-    Archive.open(path).close()
+def test_archive_locked_by_a_running_writer(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readers read the published snapshot and never touch the writer's file; a second
+    writer waits for the lock, then says who holds it."""
+    import archive_store.store
+
+    monkeypatch.setattr(archive_store.store, "WRITER_LOCK_WAIT_S", 0.5)
+    with Archive.open(path) as archive:
+        fill(archive)
     writer = subprocess.Popen(
         [
             sys.executable,
@@ -377,10 +383,14 @@ def test_archive_locked_by_a_running_writer(path: Path) -> None:
     )
     try:
         assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+        assert run_sql(path, "SELECT count(*) AS n FROM algorithms", fmt="csv").split() == [
+            "n",
+            "10",
+        ]
         with pytest.raises(
             ArchiveError, match=f"in use by a running session \\(pid {writer.pid}\\)"
         ):
-            run_sql(path, "SELECT 1")
+            Archive.open(path)
     finally:
         writer.kill()
         writer.wait()

@@ -27,10 +27,11 @@ def write_config(path: Path, zoo_dir: Path, runner: str = "process") -> Path:
     return path
 
 
-def launch(*args: str) -> subprocess.Popen[str]:
+def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "coevo", "launch", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=env,
     )
 
 
