@@ -1,10 +1,18 @@
 """coevo's DuckDB archive: schema + migrations, batched writer, read API, SQL shell."""
 
 from archive_store.shell import run_sql, schema_of, tables_and_views
-from archive_store.store import SCHEMA_VERSION, Archive, ArchiveError, prompt_hash, snapshot_path
+from archive_store.store import (
+    SCHEMA_VERSION,
+    VIEWS,
+    Archive,
+    ArchiveError,
+    prompt_hash,
+    snapshot_path,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
+    "VIEWS",
     "Archive",
     "ArchiveError",
     "prompt_hash",

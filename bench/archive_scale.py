@@ -25,18 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from archive_store import Archive  # noqa: E402
+from archive_store import VIEWS, Archive  # noqa: E402
 
-VIEWS = (
-    "algorithm_scores",
-    "leaderboard",
-    "iteration_stats",
-    "lineage",
-    "verdict_breakdown",
-    "task_stats",
-    "coverage",
-    "dpo_history",
-)
 SID = "bench-session"
 BATCH = 100_000  # rows per write (a session writes a whole step at once)
 

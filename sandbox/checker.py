@@ -29,7 +29,6 @@ one-line message in `errors`, since a checker crashing on a gibberish answer is 
 
 from __future__ import annotations
 
-import builtins
 import collections
 import json
 import math
@@ -38,7 +37,6 @@ import reprlib
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from types import ModuleType
 from typing import Any
 
 from RestrictedPython import compile_restricted, safe_builtins
@@ -46,7 +44,6 @@ from RestrictedPython.Guards import (
     full_write_guard,
     guarded_iter_unpack_sequence,
     guarded_unpack_sequence,
-    safer_getattr_raise,
 )
 
 # Attribute access at call time only: the harness may import this module while it is itself
@@ -211,10 +208,10 @@ def load_checker(source: str) -> Callable[..., Any]:
 def checker_globals(policy: ProgramPolicy = CHECKER_POLICY) -> dict[str, Any]:
     """The globals a checker runs with: the harness's limited builtins and RestrictedPython
     hooks, with import / attribute guards for `policy`'s modules and a torch-free write guard."""
-    get = make_guarded_getattr(policy)
+    get = harness.make_guarded_getattr(policy)
     program_builtins = {k: v for k, v in safe_builtins.items() if k not in harness.REMOVED_BUILTINS}
     program_builtins.update(harness.EXTRA_BUILTINS)
-    program_builtins["__import__"] = make_guarded_import(policy, get)
+    program_builtins["__import__"] = harness.make_guarded_import(policy, get)
     return {
         "__builtins__": program_builtins,
         "__name__": "checker",
@@ -228,51 +225,6 @@ def checker_globals(policy: ProgramPolicy = CHECKER_POLICY) -> dict[str, Any]:
         "_apply_": harness._apply,
         "_print_": harness.BoundedPrint,
     }
-
-
-def make_guarded_getattr(policy: ProgramPolicy) -> Callable[..., Any]:
-    """`safer_getattr` plus `policy`'s rules: no banned or formatter attributes, and only
-    allow-listed modules, whether read from or returned."""
-    banned = policy.banned_attrs | policy.format_attrs
-    allowed = policy.allowed_modules
-    where = f"in {policy.kind}s"
-
-    def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
-        if name in banned:
-            raise AttributeError(f"attribute '{name}' is not allowed {where}")
-        if isinstance(obj, ModuleType) and obj.__name__ not in allowed:
-            raise AttributeError(f"module '{obj.__name__}' is not allowed {where}")
-        value = safer_getattr_raise(obj, name, *default)
-        if isinstance(value, ModuleType) and value.__name__ not in allowed:
-            raise AttributeError(f"module '{value.__name__}' is not allowed {where}")
-        return value
-
-    return guarded_getattr
-
-
-def make_guarded_import(
-    policy: ProgramPolicy, guarded_getattr: Callable[..., Any]
-) -> Callable[..., ModuleType]:
-    """`__import__` for `policy`'s modules only; `from m import x` goes through the guards."""
-    allowed = policy.allowed_modules
-    where = f"in {policy.kind}s"
-
-    def guarded_import(
-        name: str,
-        globals: dict[str, Any] | None = None,
-        locals: dict[str, Any] | None = None,
-        fromlist: tuple[str, ...] | None = (),
-        level: int = 0,
-    ) -> ModuleType:
-        if level != 0 or name not in allowed:
-            raise ImportError(f"import of '{name}' is not allowed {where}")
-        module = builtins.__import__(name, globals, locals, fromlist or (), level)
-        for item in fromlist or ():
-            if f"{name}.{item}" not in allowed:
-                guarded_getattr(module, item)
-        return module
-
-    return guarded_import
 
 
 def checker_write(obj: Any) -> Any:

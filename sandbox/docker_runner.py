@@ -49,6 +49,7 @@ from sandbox.runner import (
     read_log,
     read_result,
     read_scores,
+    rejected,
     tail,
 )
 
@@ -315,13 +316,7 @@ class DockerRunner:
         start = time.perf_counter()
         policy = check_program(job.source)
         if not policy.ok:
-            return SandboxResult(
-                "rejected_by_policy",
-                f"{policy.rule}: {policy.reason}",
-                time.perf_counter() - start,
-                0.0,
-                runner=self.name,
-            )
+            return rejected(SandboxResult, policy, start, self.name)
         inputs = _inputs(job)
         problem = self._input_problem(inputs)
         if problem is not None:
@@ -374,13 +369,7 @@ class DockerRunner:
         start = time.perf_counter()
         policy = check_checker(job.source)
         if not policy.ok:
-            return CheckResult(
-                "rejected_by_policy",
-                f"{policy.rule}: {policy.reason}",
-                time.perf_counter() - start,
-                0.0,
-                runner=self.name,
-            )
+            return rejected(CheckResult, policy, start, self.name)
 
         def finish(job_dir: Path, outcome: _Outcome) -> CheckResult:
             ok = outcome.verdict == "ok"

@@ -41,7 +41,7 @@ from RestrictedPython.Guards import (
     safer_getattr_raise,
 )
 
-from sandbox.policy import ALLOWED_MODULES, BANNED_ATTRS, check_program, torch_attr_banned
+from sandbox.policy import MERGE_POLICY, ProgramPolicy, check_program
 
 MAX_REASON_CHARS = 500
 MIB = 1024 * 1024
@@ -259,36 +259,57 @@ def restricted_globals() -> dict[str, Any]:
     }
 
 
-def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
-    """`safer_getattr` plus coevo's rules: no banned attributes, only allow-listed modules."""
-    if name in BANNED_ATTRS:
-        raise AttributeError(f"attribute '{name}' is not allowed in merge programs")
-    if isinstance(obj, ModuleType):
-        if obj.__name__ not in ALLOWED_MODULES:
-            raise AttributeError(f"module '{obj.__name__}' is not allowed in merge programs")
-        if obj.__name__ == "torch" and torch_attr_banned(name):
-            raise AttributeError(f"'torch.{name}' is not allowed in merge programs")
-    value = safer_getattr_raise(obj, name, *default)
-    if isinstance(value, ModuleType) and value.__name__ not in ALLOWED_MODULES:
-        raise AttributeError(f"module '{value.__name__}' is not allowed in merge programs")
-    return value
+def make_guarded_getattr(policy: ProgramPolicy) -> Callable[..., Any]:
+    """`safer_getattr` plus `policy`'s rules: no banned or formatter attributes, only
+    allow-listed modules (whether read from or returned), and no banned module members
+    (`torch.load`)."""
+    banned = policy.banned_attrs | policy.format_attrs
+    allowed = policy.allowed_modules
+    where = f"in {policy.kind}s"
+
+    def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
+        if name in banned:
+            raise AttributeError(f"attribute '{name}' is not allowed {where}")
+        if isinstance(obj, ModuleType):
+            if obj.__name__ not in allowed:
+                raise AttributeError(f"module '{obj.__name__}' is not allowed {where}")
+            if policy.from_import_banned(obj.__name__, name):
+                raise AttributeError(f"'{obj.__name__}.{name}' is not allowed {where}")
+        value = safer_getattr_raise(obj, name, *default)
+        if isinstance(value, ModuleType) and value.__name__ not in allowed:
+            raise AttributeError(f"module '{value.__name__}' is not allowed {where}")
+        return value
+
+    return guarded_getattr
 
 
-def guarded_import(
-    name: str,
-    globals: dict[str, Any] | None = None,
-    locals: dict[str, Any] | None = None,
-    fromlist: tuple[str, ...] | None = (),
-    level: int = 0,
-) -> ModuleType:
-    """`__import__` for allow-listed modules only; `from m import x` goes through the guards."""
-    if level != 0 or name not in ALLOWED_MODULES:
-        raise ImportError(f"import of '{name}' is not allowed in merge programs")
-    module = builtins.__import__(name, globals, locals, fromlist or (), level)
-    for item in fromlist or ():
-        if f"{name}.{item}" not in ALLOWED_MODULES:
-            guarded_getattr(module, item)
-    return module
+def make_guarded_import(
+    policy: ProgramPolicy, guarded_getattr: Callable[..., Any]
+) -> Callable[..., ModuleType]:
+    """`__import__` for `policy`'s modules only; `from m import x` goes through the guards."""
+    allowed = policy.allowed_modules
+    where = f"in {policy.kind}s"
+
+    def guarded_import(
+        name: str,
+        globals: dict[str, Any] | None = None,
+        locals: dict[str, Any] | None = None,
+        fromlist: tuple[str, ...] | None = (),
+        level: int = 0,
+    ) -> ModuleType:
+        if level != 0 or name not in allowed:
+            raise ImportError(f"import of '{name}' is not allowed {where}")
+        module = builtins.__import__(name, globals, locals, fromlist or (), level)
+        for item in fromlist or ():
+            if f"{name}.{item}" not in allowed:
+                guarded_getattr(module, item)
+        return module
+
+    return guarded_import
+
+
+guarded_getattr = make_guarded_getattr(MERGE_POLICY)
+guarded_import = make_guarded_import(MERGE_POLICY, guarded_getattr)
 
 
 def guarded_write(obj: Any) -> Any:

@@ -27,14 +27,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from sandbox.policy import check_checker, check_program
+from sandbox.policy import PolicyVerdict, check_checker, check_program
 
 if TYPE_CHECKING:  # imported lazily: the harness module, run as __main__, must not be imported
     from sandbox.checker import CheckJob, CheckResult
 
 log = logging.getLogger("coevo.sandbox")
+_R = TypeVar("_R", "SandboxResult", "CheckResult")
 
 VERDICTS = (
     "ok",
@@ -185,13 +186,7 @@ class ProcessRunner:
         start = time.perf_counter()
         policy = check_program(job.source)
         if not policy.ok:
-            return SandboxResult(
-                "rejected_by_policy",
-                f"{policy.rule}: {policy.reason}",
-                time.perf_counter() - start,
-                0.0,
-                runner=self.name,
-            )
+            return rejected(SandboxResult, policy, start, self.name)
         out_dir = Path(job.out_dir).resolve()
         control = Path(tempfile.mkdtemp(prefix="coevo-sandbox-"))
         staging: Path | None = None
@@ -254,13 +249,7 @@ class ProcessRunner:
         start = time.perf_counter()
         policy = check_checker(job.source)
         if not policy.ok:
-            return CheckResult(
-                "rejected_by_policy",
-                f"{policy.rule}: {policy.reason}",
-                time.perf_counter() - start,
-                0.0,
-                runner=self.name,
-            )
+            return rejected(CheckResult, policy, start, self.name)
         control = Path(tempfile.mkdtemp(prefix="coevo-check-"))
         try:
             (control / "out").mkdir()
@@ -362,6 +351,17 @@ class ProcessRunner:
             peak_mb,
             0.0,
         )
+
+
+def rejected(result: type[_R], policy: PolicyVerdict, start: float, runner: str) -> _R:
+    """The result of a program the static policy refused (it never ran)."""
+    return result(
+        "rejected_by_policy",
+        f"{policy.rule}: {policy.reason}",
+        time.perf_counter() - start,
+        0.0,
+        runner=runner,
+    )
 
 
 def read_result(result_file: Path) -> tuple[str, str, float, float] | None:

@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_archive_provenance import VIEWS
 from test_session import ITERATIONS, PROGRAMS, check_complete, launch, write_config
 
-from archive_store import Archive, snapshot_path
+from archive_store import VIEWS, Archive, snapshot_path
 
 pytestmark = pytest.mark.slow
 

@@ -13,19 +13,8 @@ import duckdb
 import pytest
 from test_archive import OK_RUNS, SESSION, fill
 
-from archive_store import SCHEMA_VERSION, Archive, ArchiveError, run_sql, snapshot_path
+from archive_store import SCHEMA_VERSION, VIEWS, Archive, ArchiveError, run_sql, snapshot_path
 from archive_store.store import SUMMARY_TABLES, migrations
-
-VIEWS = (
-    "algorithm_scores",
-    "leaderboard",
-    "iteration_stats",
-    "lineage",
-    "verdict_breakdown",
-    "task_stats",
-    "coverage",
-    "dpo_history",
-)
 
 
 @pytest.fixture
