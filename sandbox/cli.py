@@ -47,13 +47,6 @@ def add_sandbox_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="expert model dir (repeat for each expert)",
     )
     run.add_argument("--out", type=Path, required=True, help="where to write the merged model")
-    run.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    run.add_argument(
-        "--timeout", type=float, default=SandboxLimits.timeout_s, help="wall-clock limit, s"
-    )
-    run.add_argument(
-        "--memory-mb", type=int, default=SandboxLimits.memory_mb, help="memory limit, MB"
-    )
     run.add_argument("--include", default=None, help="merge only tensors matching this regex")
     _runner_arguments(run)
     run.set_defaults(func=run_command)
@@ -66,9 +59,6 @@ def add_sandbox_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     check.add_argument("checker", type=Path, metavar="CHECKER.py", help="checker source")
     check.add_argument("--cases", type=Path, required=True, help="JSONL file of cases")
-    check.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    check.add_argument("--timeout", type=float, default=SandboxLimits.timeout_s, help="wall-clock limit, s")
-    check.add_argument("--memory-mb", type=int, default=SandboxLimits.memory_mb, help="memory limit, MB")
     _runner_arguments(check)
     check.set_defaults(func=check_command)
 
@@ -91,6 +81,14 @@ def add_sandbox_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _runner_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `run` and `check` share: output, limits, which runner."""
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument(
+        "--timeout", type=float, default=SandboxLimits.timeout_s, help="wall-clock limit, s"
+    )
+    parser.add_argument(
+        "--memory-mb", type=int, default=SandboxLimits.memory_mb, help="memory limit, MB"
+    )
     parser.add_argument(
         "--runner",
         choices=("auto", "docker", "process"),

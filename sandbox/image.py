@@ -41,6 +41,7 @@ CPU_TORCH_INDEX = os.environ.get("COEVO_TORCH_INDEX", "https://download.pytorch.
 # What the harness imports, pinned to the host's versions.
 PACKAGES = ("torch", "numpy", "safetensors", "RestrictedPython", "tqdm")
 SOURCE_PACKAGES = ("sandbox", "merging")
+HOST_ONLY_MODULES = ("cli.py", "docker_runner.py", "image.py")
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = Path(__file__).resolve().parent / "Dockerfile"
 
@@ -70,11 +71,13 @@ def requirements(gpu: bool = False) -> list[str]:
 
 
 def source_files() -> list[Path]:
-    """The Python sources copied into the image (relative to SOURCE_ROOT)."""
+    """The Python sources copied into the image (relative to SOURCE_ROOT): `merging` and the
+    in-container part of `sandbox`, not the host-side runner, image and CLI modules."""
     return sorted(
         path.relative_to(SOURCE_ROOT)
         for package in SOURCE_PACKAGES
         for path in (SOURCE_ROOT / package).glob("*.py")
+        if path.name not in HOST_ONLY_MODULES
     )
 
 
