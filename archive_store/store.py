@@ -26,7 +26,7 @@ import shutil
 import signal
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from importlib import resources
@@ -98,6 +98,37 @@ ON CONFLICT (algorithm_id) DO UPDATE SET
     peak_memory_mb = excluded.peak_memory_mb, created_at = excluded.created_at
 WHERE excluded.created_at > latest_runs.created_at
    OR (excluded.created_at = latest_runs.created_at AND excluded.run_id >= latest_runs.run_id);
+"""
+# Recounts the evaluation summaries of the models, tasks and generations that the registered
+# batch `{batch}` touches, from all their evaluations (after a partly replayed batch).
+_RECOUNT_SUMMARIES = """
+CREATE OR REPLACE TEMP TABLE _touched AS
+SELECT DISTINCT e.model_id, e.task_id, e.judge FROM {batch} e;
+CREATE OR REPLACE TEMP TABLE _touched_generations AS
+SELECT DISTINCT m.session_id, m.generation
+FROM _touched t JOIN models m ON m.model_id = t.model_id
+WHERE m.generation IS NOT NULL;
+DELETE FROM model_scores WHERE model_id IN (SELECT model_id FROM _touched);
+DELETE FROM task_scores WHERE task_id IN (SELECT task_id FROM _touched);
+DELETE FROM generation_task_scores g USING _touched_generations t
+WHERE g.session_id = t.session_id AND g.generation = t.generation;
+INSERT INTO model_scores
+SELECT e.model_id, t.split, e.judge, count(*), sum(e.score), count(*) FILTER (WHERE e.score >= 1)
+FROM evaluations e JOIN tasks t ON t.task_id = e.task_id
+WHERE e.model_id IN (SELECT model_id FROM _touched)
+GROUP BY ALL;
+INSERT INTO task_scores
+SELECT e.task_id, e.judge, count(*), sum(e.score), count(*) FILTER (WHERE e.score >= 1)
+FROM evaluations e
+WHERE e.task_id IN (SELECT task_id FROM _touched)
+GROUP BY ALL;
+INSERT INTO generation_task_scores
+SELECT m.session_id, m.generation, e.task_id, e.judge, count(*), max(e.score)
+FROM evaluations e JOIN models m ON m.model_id = e.model_id
+JOIN _touched_generations t ON t.session_id = m.session_id AND t.generation = m.generation
+GROUP BY ALL;
+DROP TABLE _touched;
+DROP TABLE _touched_generations;
 """
 # Adds the evaluations in the registered relation `{new}` to the summary tables.
 _ADD_TO_SUMMARIES = """
@@ -414,8 +445,13 @@ class Archive:
         the same statement group, so they always match the evaluations (inside a transaction,
         both land or neither does).
         """
-        new = self._insert("evaluations", rows, returning="model_id, task_id, judge, score")
-        return self._add_to_summaries(new, _ADD_TO_SUMMARIES)
+        def summarise(batch: str, inserted: int) -> None:
+            if inserted == len(rows):  # all new (the usual case): the batch is the increment
+                self._execute(_ADD_TO_SUMMARIES.format(new=batch))
+            elif inserted:  # partly a replay: recount what the batch touches
+                self._execute(_RECOUNT_SUMMARIES.format(batch=batch))
+
+        return int(self._insert("evaluations", rows, after=summarise))
 
     def _add_to_summaries(self, new: Any, sql: str) -> int:
         """Run a summary update over the just-inserted rows `new` (Arrow); their count."""
@@ -659,11 +695,18 @@ class Archive:
             tables.setdefault(table, {})[column] = _Column(data_type, required, default)
         return tables
 
-    def _insert(self, table: str, rows: list[dict[str, Any]], *, returning: str = "") -> Any:
+    def _insert(
+        self,
+        table: str,
+        rows: list[dict[str, Any]],
+        *,
+        returning: str = "",
+        after: Callable[[str, int], None] | None = None,
+    ) -> Any:
         """Insert `rows` into `table` in one statement, ignoring rows whose key exists.
 
         Returns the number of new rows, or with `returning` ("col, col") the new rows' columns
-        as an Arrow table.
+        as an Arrow table. `after(batch_view, n_new)` runs while the batch is still registered.
         """
         self._check_writable()
         if not rows:
@@ -718,6 +761,8 @@ class Archive:
                     inserted = self._execute(f"{statement} RETURNING {returning}").to_arrow_table()
             else:
                 result = self._execute(statement).fetchone()
+                if after is not None:
+                    after(view, int(result[0]) if result else 0)
         finally:
             self._con.unregister(view)
         if _FAULT and self._in_transaction:
