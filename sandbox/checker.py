@@ -32,18 +32,13 @@ from __future__ import annotations
 import collections
 import json
 import math
-import operator
 import reprlib
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from RestrictedPython import compile_restricted, safe_builtins
 from RestrictedPython.Guards import (
     full_write_guard,
-    guarded_iter_unpack_sequence,
-    guarded_unpack_sequence,
 )
 
 # Attribute access at call time only: the harness may import this module while it is itself
@@ -193,38 +188,12 @@ def run_check_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def load_checker(source: str) -> Callable[..., Any]:
     """Execute the checker's top level under RestrictedPython and return its `check`."""
-    with warnings.catch_warnings():
-        # "Prints, but never reads 'printed'": printing to the log is what checkers mean.
-        warnings.simplefilter("ignore", SyntaxWarning)
-        code = compile_restricted(source, "<checker>", "exec")
-    namespace = checker_globals()
-    exec(code, namespace)
-    check = namespace.get("check")
-    if not callable(check):
-        raise ValueError("the checker does not define a callable 'check'")
-    return check
+    return harness.load_function(source, checker_globals(), "check", "checker")
 
 
 def checker_globals(policy: ProgramPolicy = CHECKER_POLICY) -> dict[str, Any]:
-    """The globals a checker runs with: the harness's limited builtins and RestrictedPython
-    hooks, with import / attribute guards for `policy`'s modules and a torch-free write guard."""
-    get = harness.make_guarded_getattr(policy)
-    program_builtins = {k: v for k, v in safe_builtins.items() if k not in harness.REMOVED_BUILTINS}
-    program_builtins.update(harness.EXTRA_BUILTINS)
-    program_builtins["__import__"] = harness.make_guarded_import(policy, get)
-    return {
-        "__builtins__": program_builtins,
-        "__name__": "checker",
-        "_getattr_": get,
-        "_getitem_": operator.getitem,
-        "_getiter_": iter,
-        "_write_": checker_write,
-        "_inplacevar_": harness.inplacevar,
-        "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
-        "_unpack_sequence_": guarded_unpack_sequence,
-        "_apply_": harness._apply,
-        "_print_": harness.BoundedPrint,
-    }
+    """The harness's restricted globals with `policy`'s guards and a torch-free write guard."""
+    return harness.restricted_globals(policy, checker_write, "checker")
 
 
 def checker_write(obj: Any) -> Any:

@@ -227,30 +227,42 @@ def run_job(job: dict[str, Any]) -> tuple[str, str]:
 
 def load_program(source: str) -> Callable[..., Any]:
     """Execute the program's top level under RestrictedPython and return its `merge`."""
+    return load_function(source, restricted_globals(), "merge", "program")
+
+
+def load_function(
+    source: str, namespace: dict[str, Any], function: str, kind: str
+) -> Callable[..., Any]:
+    """Execute `source`'s top level under RestrictedPython in `namespace`; return `function`."""
     with warnings.catch_warnings():
         # "Prints, but never reads 'printed'": printing to the log is what programs mean.
         warnings.simplefilter("ignore", SyntaxWarning)
-        code = compile_restricted(source, "<program>", "exec")
-    namespace = restricted_globals()
+        code = compile_restricted(source, f"<{kind}>", "exec")
     exec(code, namespace)
-    merge = namespace.get("merge")
-    if not callable(merge):
-        raise ValueError("the program does not define a callable 'merge'")
-    return merge
+    found = namespace.get(function)
+    if not callable(found):
+        raise ValueError(f"the {kind} does not define a callable '{function}'")
+    return found
 
 
-def restricted_globals() -> dict[str, Any]:
-    """The globals a program runs with: limited builtins and RestrictedPython's guard hooks."""
+def restricted_globals(
+    policy: ProgramPolicy = MERGE_POLICY,
+    write_guard: Callable[[Any], Any] | None = None,
+    module_name: str = "program",
+) -> dict[str, Any]:
+    """The globals generated code runs with: limited builtins, RestrictedPython's hooks, and
+    import / attribute guards for `policy` (merge programs by default)."""
+    getattr_guard = make_guarded_getattr(policy)
     program_builtins = {k: v for k, v in safe_builtins.items() if k not in REMOVED_BUILTINS}
     program_builtins.update(EXTRA_BUILTINS)
-    program_builtins["__import__"] = guarded_import
+    program_builtins["__import__"] = make_guarded_import(policy, getattr_guard)
     return {
         "__builtins__": program_builtins,
-        "__name__": "program",
-        "_getattr_": guarded_getattr,
+        "__name__": module_name,
+        "_getattr_": getattr_guard,
         "_getitem_": operator.getitem,
         "_getiter_": iter,
-        "_write_": guarded_write,
+        "_write_": write_guard or guarded_write,
         "_inplacevar_": inplacevar,
         "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
         "_unpack_sequence_": guarded_unpack_sequence,
@@ -306,10 +318,6 @@ def make_guarded_import(
         return module
 
     return guarded_import
-
-
-guarded_getattr = make_guarded_getattr(MERGE_POLICY)
-guarded_import = make_guarded_import(MERGE_POLICY, guarded_getattr)
 
 
 def guarded_write(obj: Any) -> Any:
