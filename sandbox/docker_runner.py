@@ -51,6 +51,7 @@ from sandbox.runner import (
     read_scores,
     rejected,
     tail,
+    unrun,
 )
 
 if TYPE_CHECKING:
@@ -182,7 +183,6 @@ class _Pool:
     size: int
     ready: queue.Queue[_Worker | BaseException] = field(default_factory=queue.Queue)
     live: int = 0
-    workers: set[int] = field(default_factory=set)
     all_workers: dict[int, _Worker] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
@@ -320,9 +320,7 @@ class DockerRunner:
         inputs = _inputs(job)
         problem = self._input_problem(inputs)
         if problem is not None:
-            return SandboxResult(
-                "sandbox_error", problem, time.perf_counter() - start, 0.0, runner=self.name
-            )
+            return unrun(SandboxResult, "sandbox_error", problem, start, self.name)
 
         def payload(root: str) -> dict[str, Any]:
             return {
@@ -353,13 +351,7 @@ class DockerRunner:
         try:
             return self._dispatch(inputs, payload, finish)
         except Exception as err:  # the daemon failed us, not the program
-            return SandboxResult(
-                "sandbox_error",
-                f"docker: {_first_line(err)}",
-                time.perf_counter() - start,
-                0.0,
-                runner=self.name,
-            )
+            return unrun(SandboxResult, "sandbox_error", f"docker: {_first_line(err)}", start, self.name)
 
     def run_check(self, job: CheckJob) -> CheckResult:
         """Score answers with task-checker code in a container with no models mounted."""
@@ -389,13 +381,7 @@ class DockerRunner:
         try:
             return self._dispatch((), lambda root: job.to_dict(), finish)
         except Exception as err:  # the daemon failed us, not the program
-            return CheckResult(
-                "sandbox_error",
-                f"docker: {_first_line(err)}",
-                time.perf_counter() - start,
-                0.0,
-                runner=self.name,
-            )
+            return unrun(CheckResult, "sandbox_error", f"docker: {_first_line(err)}", start, self.name)
 
     def _dispatch(
         self,

@@ -355,13 +355,12 @@ class ProcessRunner:
 
 def rejected(result: type[_R], policy: PolicyVerdict, start: float, runner: str) -> _R:
     """The result of a program the static policy refused (it never ran)."""
-    return result(
-        "rejected_by_policy",
-        f"{policy.rule}: {policy.reason}",
-        time.perf_counter() - start,
-        0.0,
-        runner=runner,
-    )
+    return unrun(result, "rejected_by_policy", f"{policy.rule}: {policy.reason}", start, runner)
+
+
+def unrun(result: type[_R], verdict: str, reason: str, start: float, runner: str) -> _R:
+    """The result of a job that ended before its program ran (policy, models, the daemon)."""
+    return result(verdict, reason, time.perf_counter() - start, 0.0, runner=runner)
 
 
 def read_result(result_file: Path) -> tuple[str, str, float, float] | None:
