@@ -268,7 +268,8 @@ class Archive:
             raise
         archive = cls(con, path, read_only)
         archive.source = source
-        if not read_only:
+        # Readers need a snapshot of this schema; otherwise the next step or `close` publishes.
+        if not read_only and (version < SCHEMA_VERSION or not snapshot_path(path).is_file()):
             archive.publish_snapshot()
         return archive
 
@@ -472,10 +473,11 @@ class Archive:
         if own:
             self._con.begin()
         try:
-            for table in SUMMARY_TABLES:
-                self._execute(f"DELETE FROM {table}")
-            self._execute(_ADD_TO_SUMMARIES.format(new="evaluations"))
-            self._execute(_ADD_RUNS_TO_SUMMARIES.format(new="sandbox_runs"))
+            _refill_summaries(self._con)
+        except duckdb.Error as exc:
+            if own:
+                self._con.rollback()
+            raise ArchiveError(f"rebuilding the summaries failed: {one_line(str(exc))}") from None
         except BaseException:
             if own:
                 self._con.rollback()
@@ -826,6 +828,14 @@ def _schema_version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
     return int(value[0]) if value else 0
 
 
+def _refill_summaries(con: duckdb.DuckDBPyConnection) -> None:
+    """Recompute every summary table from `evaluations` and `sandbox_runs`."""
+    for table in SUMMARY_TABLES:
+        con.execute(f"DELETE FROM {table}")
+    con.execute(_ADD_TO_SUMMARIES.format(new="evaluations"))
+    con.execute(_ADD_RUNS_TO_SUMMARIES.format(new="sandbox_runs"))
+
+
 def _migrate(con: duckdb.DuckDBPyConnection, current: int) -> None:
     """Apply the migrations above `current`, each in its own transaction."""
     con.execute(_BOOTSTRAP)
@@ -836,10 +846,7 @@ def _migrate(con: duckdb.DuckDBPyConnection, current: int) -> None:
         try:
             con.execute(sql)
             if version == 3:  # v3 adds the summary tables: fill them from the evaluations
-                for table in SUMMARY_TABLES:
-                    con.execute(f"DELETE FROM {table}")
-                con.execute(_ADD_TO_SUMMARIES.format(new="evaluations"))
-                con.execute(_ADD_RUNS_TO_SUMMARIES.format(new="sandbox_runs"))
+                _refill_summaries(con)
             con.execute("INSERT INTO schema_version (version, name) VALUES (?, ?)", [version, name])
         except duckdb.Error as exc:
             con.rollback()
