@@ -2,6 +2,7 @@
 
 from archive_store.shell import run_sql, schema_of, tables_and_views
 from archive_store.store import (
+    POPULATION_VIEWS,
     SCHEMA_VERSION,
     VIEWS,
     Archive,
@@ -11,6 +12,7 @@ from archive_store.store import (
 )
 
 __all__ = [
+    "POPULATION_VIEWS",
     "SCHEMA_VERSION",
     "VIEWS",
     "Archive",

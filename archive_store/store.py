@@ -168,6 +168,8 @@ VIEWS = (
     "coverage",
     "dpo_history",
 )
+# Views over what only the population modes (acdc, cycleqd) write.
+POPULATION_VIEWS = ("skill_vectors", "task_pool")
 SNAPSHOT_SUFFIX = ".snapshot"
 WRITER_LOCK_WAIT_S = 10.0
 # Fault injection for the crash tests: "TABLE:N" SIGKILLs this process inside the transaction
@@ -426,7 +428,8 @@ class Archive:
         """Insert models; returns how many were new.
 
         Keys: model_id, session_id, kind ('base' | 'expert' | 'baseline' | 'merged'), name;
-        optional: algorithm_id, parent_ids (list[str]), mutation, path, generation, created_at.
+        optional: algorithm_id, parent_ids (list[str]), mutation, path, generation, operator,
+        crossover_weights (JSON), discarded_reason, created_at.
         """
         return self._insert("models", rows)
 
@@ -434,9 +437,64 @@ class Archive:
         """Insert tasks; returns how many were new.
 
         Keys: task_id, skill, split ('dev' | 'test'), prompt, origin; optional: answer,
-        checker, created_at.
+        checker, family_id, created_at.
         """
         return self._insert("tasks", rows)
+
+    def add_task_families(self, rows: list[dict[str, Any]]) -> int:
+        """Insert task families (population modes); returns how many were new.
+
+        Keys: family_id, session_id, generation, name, instructions, checker, params (JSON),
+        action, origin, n_instances; optional: parent_id, prompt_hash, status.
+        """
+        return self._insert("task_families", rows)
+
+    def remove_task_families(self, removals: list[tuple[str, str]], generation: int) -> None:
+        """Mark families removed from the active pool at `generation`, with the reason each.
+
+        A family already removed keeps its first removal (so replaying a step changes nothing).
+        """
+        self._check_writable()
+        if not removals:
+            return
+        self._execute(
+            "UPDATE task_families f SET status = 'removed', removed_generation = ?, removed_reason = r.reason "
+            "FROM (SELECT unnest(?) AS family_id, unnest(?) AS reason) r "
+            "WHERE f.family_id = r.family_id AND f.status = 'active'",
+            [generation, [f for f, _ in removals], [r for _, r in removals]],
+        )
+
+    def add_task_rejections(self, rows: list[dict[str, Any]]) -> int:
+        """Insert rejected task candidates with their reasons; returns how many were new."""
+        return self._insert("task_rejections", rows)
+
+    def add_population_snapshot(self, rows: list[dict[str, Any]]) -> int:
+        """Insert a generation's archive of models (population or MAP-Elites cells)."""
+        return self._insert("population_snapshots", rows)
+
+    def discard_models(self, discards: list[tuple[str, str]]) -> None:
+        """Record why models were discarded before selection (e.g. the gibberish filter)."""
+        self._check_writable()
+        if discards:
+            self._execute(
+                "UPDATE models m SET discarded_reason = d.reason "
+                "FROM (SELECT unnest(?) AS model_id, unnest(?) AS reason) d WHERE m.model_id = d.model_id",
+                [[m for m, _ in discards], [r for _, r in discards]],
+            )
+
+    def mark_step(self, session_id: str, generation: int, step: str) -> None:
+        """Record that a graph step's writes are in (call inside the step's transaction)."""
+        self._insert("graph_steps", [{"session_id": session_id, "generation": generation, "step": step}])
+
+    def step_done(self, session_id: str, generation: int, step: str) -> bool:
+        return bool(self.scalar(
+            "SELECT count(*) FROM graph_steps WHERE session_id = ? AND generation = ? AND step = ?",
+            [session_id, generation, step],
+        ))
+
+    def add_generation_metrics(self, row: dict[str, Any]) -> int:
+        """Insert one generation's coverage metrics (population modes)."""
+        return self._insert("generation_metrics", [row])
 
     def add_evaluations(self, rows: list[dict[str, Any]]) -> int:
         """Insert scores of models on tasks; returns how many were new.

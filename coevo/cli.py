@@ -13,6 +13,7 @@ DEFAULT_WORKDIR = Path("coevo_work")
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by bad input: reported in one line, never with a stack trace."""
     from agents.backends import BackendError
+    from agents.coevolution import PopulationError
     from archive_store import ArchiveError
     from coevo.config import ConfigError
     from coevo.prompts import PromptError
@@ -23,7 +24,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sandbox.runner import SandboxUnavailable
 
     return (ArchiveError, BackendError, ConfigError, IncompatibleModels, ModelDirError,
-            PromptError, SandboxUnavailable, SessionError, TaskFileError)
+            PopulationError, PromptError, SandboxUnavailable, SessionError, TaskFileError)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -37,6 +38,17 @@ def cmd_launch(args: argparse.Namespace) -> int:
         raise SystemExit("error: --resume continues the last session with its own config; drop CONFIG")
     config = load_config(args.config)
     overrides = config.model_dump()
+    if args.mode is not None and args.mode != config.mode:
+        from coevo.config import MODE_DEFAULTS
+
+        # Settings still at the old mode's defaults take the new mode's.
+        for section, values in MODE_DEFAULTS[config.mode].items():
+            for key, value in values.items():
+                if overrides[section][key] == value:
+                    overrides[section][key] = None
+        overrides["mode"] = args.mode
+    if args.generations is not None:
+        overrides["population"]["generations"] = args.generations
     if args.iterations is not None:
         overrides["session"]["iterations"] = args.iterations
     if args.programs is not None:
@@ -281,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", type=Path, help="session config (TOML)")
     workdir(p)
     p.add_argument("--resume", action="store_true", help="continue the last unfinished session in --workdir")
-    p.add_argument("--iterations", type=int, help="override session.iterations")
+    p.add_argument("--mode", choices=["selfdev", "acdc", "cycleqd"], help="override mode")
+    p.add_argument("--iterations", type=int, help="override session.iterations (selfdev)")
+    p.add_argument("--generations", type=int, help="override population.generations (acdc, cycleqd)")
     p.add_argument("--programs", type=int, help="override generator.programs_per_iteration")
     p.add_argument("--seed", type=int, help="override seed")
     p.add_argument("--runner", choices=["auto", "docker", "process"], help="override sandbox.runner")

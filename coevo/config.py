@@ -92,8 +92,12 @@ class SandboxConfig(_Section):
             raise ValueError("must be 'all' or a positive count such as '1'")
         return value
 
-    def make_runner(self, scratch_dir: Path | None = None) -> Runner:
-        """The sandbox runner these settings describe (see `sandbox.runner.make_runner`)."""
+    def make_runner(self, scratch_dir: Path | None = None, input_roots: list[Path] | None = None) -> Runner:
+        """The sandbox runner these settings describe (see `sandbox.runner.make_runner`).
+
+        `input_roots`: dirs under which every model a job reads lies (Docker mounts them
+        read-only once, so one warm pool serves any parents drawn from them).
+        """
         from sandbox.runner import SandboxLimits, make_runner
 
         limits = SandboxLimits(timeout_s=self.timeout_s, memory_mb=self.memory_mb)
@@ -107,13 +111,20 @@ class SandboxConfig(_Section):
             runtime=self.docker_runtime or None,
             gpus=self.gpus or None,
             scratch_dir=scratch_dir,
+            input_roots=input_roots or (),
         )
 
 
 class JudgeConfig(_Section):
-    max_new_tokens: int = Field(8, ge=1)
+    max_new_tokens: int = Field(8, ge=1, description="answer length of the models under test")
     batch_size: int = Field(256, ge=1)
     device: str = "cpu"
+    llm: bool = Field(False, description="population modes: score answers with an LLM judge (prompts/judge.md) instead of checker code")
+    llm_backend: Literal["transformers", "openai", "vllm"] = "openai"
+    llm_model: str = Field("", description="judge LLM (also reads answers for gibberish = 'llm' and picks best-of-N)")
+    llm_base_url: str = ""
+    llm_api_key: str = ""
+    best_of_n: Literal["majority", "llm"] = Field("majority", description="how one answer is picked among the team's")
 
 
 class DPOConfigSection(_Section):
@@ -129,12 +140,89 @@ class DPOConfigSection(_Section):
     max_length: int = Field(1024, ge=64)
 
 
+class PopulationConfig(_Section):
+    """Population modes (acdc, cycleqd): how children are bred and the archive is selected.
+
+    Unset fields (None) take the mode's default, shown by `coevo launch --mode M --print-config`.
+    """
+
+    generations: int = Field(8, ge=1, description="AC/DC paper: 50; CycleQD: 1200")
+    size: int = Field(8, ge=2, description="models kept in the archive (AC/DC paper: 16)")
+    children: int = Field(8, ge=1, description="children bred per generation (AC/DC paper: 8)")
+    parents: int = Field(2, ge=1, description="parents per child")
+    crossover: Literal["paper", "algorithm"] = Field(
+        "paper", description="paper = normalised model-wise weights ~ N(mu, sigma); algorithm = a generated merge algorithm"
+    )
+    crossover_mu: float = 1.0
+    crossover_sigma: float = Field(0.5, ge=0)
+    algorithm: Literal["best", "sample"] = Field(
+        "best", description="crossover = 'algorithm': the archive's best generated algorithm, or one sampled by score"
+    )
+    algorithms_from: str = Field(
+        "", description="archive to draw generated algorithms from; '' = this workdir's archive"
+    )
+    mutation: Literal["svd_noise", "svd_scale", "gaussian", "none"] | None = Field(
+        None, description="acdc: svd_noise (noise on top-k singular values); cycleqd: svd_scale (task-vector SVD scaled by U[0, w_max])"
+    )
+    svd_top_k: int = Field(4, ge=1, description="singular values perturbed per 2-D weight; paper: 256 of rank 4096 (6%), 4 of the zoo's rank 64")
+    svd_sigma: float = Field(0.25, ge=0, description="svd_noise: std of the noise on each top-k singular value")
+    w_max: float = Field(2.0, gt=0, description="svd_scale: singular values scaled by U[0, w_max]")
+    gauss_sigma: float = Field(0.5, ge=0, description="gaussian: noise std relative to each tensor's std")
+    selection: Literal["dns", "random", "map_elites"] | None = Field(
+        None, description="acdc: dns (Dominated Novelty Search); cycleqd: map_elites"
+    )
+    dns_k: int = Field(3, ge=1, description="DNS: nearest fitter neighbours")
+    bins: int = Field(15, ge=2, description="MAP-Elites bins per behaviour axis (CycleQD: 15)")
+    cyclic: bool = Field(True, description="CycleQD: rotate the quality axis every generation (False = fixed)")
+    elite_sampling: bool = Field(True, description="CycleQD: parents by elite sampling (False = uniform)")
+    team_size: int = Field(3, ge=1, description="N of the coverage team (AC/DC: 3 or 8)")
+    gibberish: Literal["heuristic", "llm", "off"] = Field(
+        "heuristic", description="filter for broken children: heuristic, or an LLM reading 3 answers (judge.llm_*)"
+    )
+
+
+class TasksConfig(_Section):
+    """The task pool of population modes and the task-writer agent that evolves it."""
+
+    writer: Literal["procedural", "llm"] = Field(
+        "procedural", description="procedural = parameterised families over the zoo's skills; llm = prompts/task_writer*.md"
+    )
+    coevolve: bool | None = Field(None, description="adapt the pool to the population (acdc: true; cycleqd: false)")
+    adapt_every: int = Field(2, ge=1, description="generations between adaptations (AC/DC paper: 5)")
+    new_per_round: int = Field(4, ge=1, description="new families written per adaptation")
+    max_active: int = Field(24, ge=1, description="active families kept (AC/DC paper: 250 tasks)")
+    instances: int = Field(12, ge=2, description="instances per family")
+    harder_above: float = Field(0.5, ge=0, le=1, description="pass rate above which a parent gets a harder child")
+    reflection_rounds: int = Field(3, ge=1, description="attempts per new family (validation feedback in between)")
+    novelty: Literal["lexical", "embedding"] = "lexical"
+    novelty_threshold: float = Field(0.7, gt=0, le=1)
+    embedding_model: str = Field("", description="model dir for novelty = 'embedding'")
+    llm_novelty_judge: bool = Field(False, description="ask the writer LLM whether near-duplicates are interestingly new")
+    backend: Literal["transformers", "openai", "vllm"] = "openai"
+    model: str = Field("", description="writer LLM: model dir or served model name")
+    base_url: str = ""
+    api_key: str = ""
+    device: str = "cpu"
+    temperature: float = Field(0.7, gt=0)
+    max_new_tokens: int = Field(1500, ge=64)
+    prompts_dir: str = Field("", description="'' = the repository's prompts/")
+
+
 class ReportConfig(_Section):
     top_k: int = Field(5, ge=1, description="best algorithms re-scored on the test split")
 
 
+MODE_DEFAULTS: dict[str, dict[str, dict[str, object]]] = {
+    "selfdev": {"population": {"mutation": "none", "selection": "dns"}, "tasks": {"coevolve": False}},
+    "acdc": {"population": {"mutation": "svd_noise", "selection": "dns"}, "tasks": {"coevolve": True}},
+    "cycleqd": {"population": {"mutation": "svd_scale", "selection": "map_elites"}, "tasks": {"coevolve": False}},
+}
+
+
 class Config(_Section):
-    mode: Literal["selfdev"] = "selfdev"
+    mode: Literal["selfdev", "acdc", "cycleqd"] = Field(
+        "selfdev", description="selfdev = evolve the generator (Self-Developing); acdc / cycleqd = evolve a model population"
+    )
     seed: int = 0
     zoo: ZooConfig = ZooConfig()
     models: ModelsConfig = ModelsConfig()
@@ -144,6 +232,27 @@ class Config(_Section):
     judge: JudgeConfig = JudgeConfig()
     dpo: DPOConfigSection = DPOConfigSection()
     report: ReportConfig = ReportConfig()
+    population: PopulationConfig = PopulationConfig()
+    tasks: TasksConfig = TasksConfig()
+
+    @model_validator(mode="after")
+    def _mode_defaults(self) -> Config:
+        for section, values in MODE_DEFAULTS[self.mode].items():
+            target = getattr(self, section)
+            for key, value in values.items():
+                if getattr(target, key) is None:
+                    setattr(target, key, value)
+        if self.mode == "cycleqd" and self.population.selection != "map_elites":
+            raise ValueError("population.selection: cycleqd mode selects with map_elites")
+        if self.mode == "acdc" and self.population.selection == "map_elites":
+            raise ValueError("population.selection: acdc mode selects with dns or random (map_elites is cycleqd)")
+        if self.mode != "selfdev" and self.tasks.writer == "llm" and not self.tasks.model:
+            raise ValueError("tasks.writer = 'llm' needs tasks.model (and tasks.base_url for an OpenAI-compatible server)")
+        if self.judge.llm and not self.judge.llm_model:
+            raise ValueError("judge.llm = true needs judge.llm_model")
+        if (self.population.gibberish == "llm" or self.judge.best_of_n == "llm") and not self.judge.llm_model:
+            raise ValueError("an LLM gibberish filter or best-of-N picker needs judge.llm_model")
+        return self
 
 
 def _first_error(err: ValidationError, source: str) -> str:

@@ -19,7 +19,12 @@ DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 FENCE = "```"
 
 # Placeholders each role's template must use; rendering fails loudly on unknown ones.
-REQUIRED = {"generator": {"n_experts", "exemplars"}}
+REQUIRED = {
+    "generator": {"n_experts", "exemplars"},
+    "judge": {"question", "instructions", "reference", "answer"},
+    "gibberish": {"answers"},
+    "best_of_n": {"question", "candidates"},
+}
 
 
 class PromptError(ValueError):

@@ -72,9 +72,19 @@ def run_session(config: Config | None, workdir: Path, *, resume: bool = False) -
             session_id = time.strftime("%Y%m%d-%H%M%S") + f"-s{config.seed}-{secrets.token_hex(2)}"
         base, experts, tasks_dir, zoo_generator, task_set = _resolve_models(config, config.sandbox.runner)
         check_compatible(base, experts)
-        runner = config.sandbox.make_runner(scratch_dir=workdir / ".sandbox")
+        # Population children live under models/; one warm container pool serves every
+        # parent set drawn from there, the base and the experts.
+        (workdir / "models").mkdir(exist_ok=True)
+        runner = config.sandbox.make_runner(
+            scratch_dir=workdir / ".sandbox", input_roots=[workdir / "models", base, *experts]
+        )
         stack.callback(runner.close)
         say(f"[session] sandbox runner: {runner.description}")
+        if config.mode != "selfdev":
+            from coevo.population import run_population
+
+            run_population(config, workdir, archive, runner, session_id, base, experts, resume=resume)
+            return session_id
         tasks = load_tasks(tasks_dir)
         generator_dir = Path(config.generator.model) if config.generator.model else zoo_generator
         if generator_dir is None:

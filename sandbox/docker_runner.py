@@ -8,13 +8,22 @@ model dirs are mounted read-only at /in/0, /in/1, ...; exactly one host dir is w
 from the host reaches it: no Docker socket, no other path, a scrubbed environment. gVisor
 (`runtime="runsc"`) and GPUs (`gpus=...`) are options.
 
+Shared input roots (`input_roots=[zoo, workdir / "models"]`): a job whose model dirs all lie
+under the roots runs in containers that mount each root read-only at /roots/0, /roots/1, ...
+and gets its paths translated (`<root 1>/gen3/child7` -> `/roots/1/gen3/child7`), so jobs
+over ever-new pairs of models (children of earlier generations) share one warm pool. A bind
+mount shows what is written under the root later, so new children need no new container.
+Other jobs mount exactly their own dirs at /in/N, as above.
+
 Two modes behind the same `run`:
 
-- warm pool (`pool_size >= 1`, the default): K containers per set of input models run
-  `sandbox.pool_worker` with torch already imported; each job is a fresh child process forked
-  in one of them, under rlimits. A container is retired (killed, removed, replaced in the
-  background) after `jobs_per_container` jobs or after any job that did not end `ok` or
-  `output_invalid`. The wall-clock limit is enforced from the host by killing the container.
+- warm pool (`pool_size >= 1`, the default): K containers per set of mounts (the shared
+  roots, or one job's model dirs) run `sandbox.pool_worker` with torch already imported; each
+  job is a fresh child process forked in one of them, under rlimits. A container is retired
+  (killed, removed, replaced in the background) after `jobs_per_container` jobs or after any
+  job that did not end `ok` or `output_invalid`. The wall-clock limit is enforced from the
+  host by killing the container. At most `max_pools` pools live: a new one closes the least
+  recently used pool with no job in flight.
 - cold (`pool_size = 0`): one `docker run` of `sandbox.harness` per job, removed afterwards.
 """
 
@@ -33,8 +42,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -67,6 +76,9 @@ SANDBOX_UID = 10001
 LABEL = "coevo.sandbox"
 # Verdicts after which a warm container is trusted with the next job.
 CLEAN_VERDICTS = ("ok", "output_invalid")
+
+# Host dir -> container dir, each mounted read-only; also the key of a warm pool.
+Mounts = tuple[tuple[Path, str], ...]
 
 
 def docker_client() -> Any:
@@ -176,13 +188,14 @@ class _Worker:
 
 @dataclass
 class _Pool:
-    """Warm containers for one set of input model dirs, refilled in the background."""
+    """Warm containers for one set of read-only mounts, refilled in the background."""
 
     runner: DockerRunner
-    inputs: tuple[Path, ...]
+    mounts: Mounts
     size: int
     ready: queue.Queue[_Worker | BaseException] = field(default_factory=queue.Queue)
     live: int = 0
+    busy: int = 0  # jobs holding this pool; guarded by the runner's lock, not `lock`
     all_workers: dict[int, _Worker] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
@@ -197,7 +210,7 @@ class _Pool:
 
     def _start_one(self) -> None:
         try:
-            worker = self.runner._start_worker(self.inputs)
+            worker = self.runner._start_worker(self.mounts)
         except BaseException as err:  # handed to the job waiting for a container
             with self.lock:
                 self.live -= 1
@@ -257,11 +270,21 @@ class DockerRunner:
         gpus: str | int | None = None,
         image: str | None = None,
         scratch_dir: Path | None = None,
+        input_roots: Sequence[Path] = (),
+        max_pools: int = 4,
         client: Any = None,
     ) -> None:
-        if pool_size < 0 or jobs_per_container < 1 or cpus <= 0 or scratch_mb < 1:
-            raise ValueError("pool_size >= 0, jobs_per_container >= 1, cpus > 0, scratch_mb >= 1")
+        if pool_size < 0 or jobs_per_container < 1 or cpus <= 0 or scratch_mb < 1 or max_pools < 1:
+            raise ValueError(
+                "pool_size >= 0, jobs_per_container >= 1, cpus > 0, scratch_mb >= 1, max_pools >= 1"
+            )
         from sandbox.image import ImageError, ensure_image, image_exists
+
+        roots = tuple(dict.fromkeys(Path(root).resolve() for root in input_roots))
+        for root in roots:
+            problem = _root_problem(root)
+            if problem is not None:
+                raise ValueError(problem)
 
         self.limits = limits or SandboxLimits()
         self.pool_size = pool_size
@@ -293,8 +316,18 @@ class DockerRunner:
         self._own_scratch = scratch_dir is None
         self.scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="coevo-docker-")).resolve()
         self.scratch.mkdir(parents=True, exist_ok=True)
-        self._pools: dict[tuple[Path, ...], _Pool] = {}
-        self._readable: set[tuple[Path, ...]] = set()
+        for root in roots:
+            if root.is_relative_to(self.scratch) or self.scratch.is_relative_to(root):
+                if self._own_scratch:
+                    shutil.rmtree(self.scratch, ignore_errors=True)
+                raise ValueError(
+                    f"input root '{root}' overlaps the sandbox scratch dir '{self.scratch}', "
+                    "where every job's output is written: pass a root that holds only models"
+                )
+        self.input_roots = roots
+        self.max_pools = max_pools
+        self._pools: OrderedDict[Mounts, _Pool] = OrderedDict()  # least recently used first
+        self._readable: set[Path] = set()
         self._lock = threading.Lock()
         self._closed = False
         _remove_stale_containers(self.client)
@@ -305,7 +338,8 @@ class DockerRunner:
         """The image and the mode, for logs."""
         mode = f"warm pool of {self.pool_size}" if self.pool_size else "cold container per job"
         runtime = f", runtime {self.runtime}" if self.runtime else ""
-        return f"docker ({self.image}, {mode}{runtime})"
+        roots = f", {len(self.input_roots)} shared input roots" if self.input_roots else ""
+        return f"docker ({self.image}, {mode}{runtime}{roots})"
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -321,12 +355,13 @@ class DockerRunner:
         problem = self._input_problem(inputs)
         if problem is not None:
             return unrun(SandboxResult, "sandbox_error", problem, start, self.name)
+        mounts, paths = self._place(inputs)
 
         def payload(root: str) -> dict[str, Any]:
             return {
                 "source": job.source,
-                "base_dir": "/in/0",
-                "expert_dirs": [f"/in/{i + 1}" for i in range(len(job.expert_dirs))],
+                "base_dir": paths[0],
+                "expert_dirs": list(paths[1:]),
                 "out_dir": f"{root}/model",
                 "include": job.include,
             }
@@ -349,7 +384,7 @@ class DockerRunner:
             )
 
         try:
-            return self._dispatch(inputs, payload, finish)
+            return self._dispatch(mounts, payload, finish)
         except Exception as err:  # the daemon failed us, not the program
             return unrun(SandboxResult, "sandbox_error", f"docker: {_first_line(err)}", start, self.name)
 
@@ -385,40 +420,43 @@ class DockerRunner:
 
     def _dispatch(
         self,
-        inputs: tuple[Path, ...],
+        mounts: Mounts,
         payload: Callable[[str], dict[str, Any]],
         finish: Callable[[Path, _Outcome], _R],
     ) -> _R:
         """Run `payload(container_job_dir)` in a warm or cold container, then `finish` it while
         its job dir (model, logs, result) still exists."""
         if self.pool_size == 0:
-            return self._run_cold(inputs, payload, finish)
-        return self._run_warm(inputs, payload, finish)
+            return self._run_cold(mounts, payload, finish)
+        return self._run_warm(mounts, payload, finish)
 
     def _job(self, payload: Callable[[str], dict[str, Any]], root: str) -> dict[str, Any]:
         return {**payload(root), "result_path": f"{root}/result.json", "limits": self.limits.to_dict()}
 
     def _run_warm(
         self,
-        inputs: tuple[Path, ...],
+        mounts: Mounts,
         payload: Callable[[str], dict[str, Any]],
         finish: Callable[[Path, _Outcome], _R],
     ) -> _R:
-        pool = self._pool(inputs)
-        worker = pool.acquire()
-        job_dir = worker.out_dir / uuid.uuid4().hex[:12]
-        retire = True
+        pool = self._pool(mounts)
         try:
-            self._make_dir(job_dir)
-            worker.jobs += 1
-            job = self._job(payload, f"/out/{job_dir.name}")
-            worker.channel.send({"id": job_dir.name, "job": job})
-            outcome = self._wait_warm(worker, job_dir)
-            retire = outcome.verdict not in CLEAN_VERDICTS
-            return finish(job_dir, outcome)
+            worker = pool.acquire()
+            job_dir = worker.out_dir / uuid.uuid4().hex[:12]
+            retire = True
+            try:
+                self._make_dir(job_dir)
+                worker.jobs += 1
+                job = self._job(payload, f"/out/{job_dir.name}")
+                worker.channel.send({"id": job_dir.name, "job": job})
+                outcome = self._wait_warm(worker, job_dir)
+                retire = outcome.verdict not in CLEAN_VERDICTS
+                return finish(job_dir, outcome)
+            finally:
+                shutil.rmtree(job_dir, ignore_errors=True)
+                pool.release(worker, retire)
         finally:
-            shutil.rmtree(job_dir, ignore_errors=True)
-            pool.release(worker, retire)
+            self._unhold(pool)
 
     def _wait_warm(self, worker: _Worker, job_dir: Path) -> _Outcome:
         deadline = time.monotonic() + self.limits.timeout_s
@@ -443,7 +481,7 @@ class DockerRunner:
 
     def _run_cold(
         self,
-        inputs: tuple[Path, ...],
+        mounts: Mounts,
         payload: Callable[[str], dict[str, Any]],
         finish: Callable[[Path, _Outcome], _R],
     ) -> _R:
@@ -455,7 +493,7 @@ class DockerRunner:
             (job_dir / "job.json").write_text(json.dumps(self._job(payload, "/out")))
             command = ["python3", "-m", "sandbox.harness", "/out/job.json"]
             container = self.client.containers.create(
-                **self._container_kwargs(inputs, job_dir, command, name)
+                **self._container_kwargs(mounts, job_dir, command, name)
             )
             container.start()
             deadline = time.monotonic() + self.limits.timeout_s
@@ -533,15 +571,20 @@ class DockerRunner:
     # -- containers -------------------------------------------------------------------------
 
     def _container_kwargs(
-        self, inputs: tuple[Path, ...], out_dir: Path, command: list[str], name: str
+        self, mounts: Mounts, out_dir: Path, command: list[str], name: str
     ) -> dict[str, Any]:
-        """Everything that confines a container; the only host paths are these mounts."""
-        from docker.types import DeviceRequest, LogConfig, Ulimit
+        """Everything that confines a container; the only host paths are `mounts` (read-only)
+        and `out_dir` (at /out)."""
+        from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
         memory = f"{self.limits.memory_mb + WORKER_OVERHEAD_MB}m"
         threads = str(max(1, int(self.cpus)))
-        volumes = {str(path): {"bind": f"/in/{i}", "mode": "ro"} for i, path in enumerate(inputs)}
-        volumes[str(out_dir)] = {"bind": "/out", "mode": "rw"}
+        # Mount objects, not `volumes`: the same dir may be mounted twice (base == expert), and
+        # a missing source is an error rather than an empty root-owned dir the daemon creates.
+        binds = [
+            Mount(target, str(source), type="bind", read_only=True) for source, target in mounts
+        ]
+        binds.append(Mount("/out", str(out_dir), type="bind", read_only=False))
         kwargs: dict[str, Any] = {
             "image": self.image,
             "command": command,
@@ -557,7 +600,7 @@ class DockerRunner:
             "memswap_limit": memory,
             "nano_cpus": int(self.cpus * 1e9),
             "ulimits": [Ulimit(name="core", soft=0, hard=0)],
-            "volumes": volumes,
+            "mounts": binds,
             "environment": {
                 "OMP_NUM_THREADS": threads,
                 "MKL_NUM_THREADS": threads,
@@ -582,12 +625,12 @@ class DockerRunner:
             kwargs["device_requests"] = [DeviceRequest(count=count, capabilities=[["gpu"]])]
         return kwargs
 
-    def _start_worker(self, inputs: tuple[Path, ...]) -> _Worker:
+    def _start_worker(self, mounts: Mounts) -> _Worker:
         name = f"coevo-sandbox-{uuid.uuid4().hex[:12]}"
         out_dir = self.scratch / name
         self._make_dir(out_dir)
         container = self.client.containers.create(
-            **self._container_kwargs(inputs, out_dir, ["python3", "-m", "sandbox.pool_worker"], name)
+            **self._container_kwargs(mounts, out_dir, ["python3", "-m", "sandbox.pool_worker"], name)
         )
         try:
             channel = _Channel(
@@ -614,37 +657,90 @@ class DockerRunner:
         _remove(worker.container)
         shutil.rmtree(worker.out_dir, ignore_errors=True)
 
-    def _pool(self, inputs: tuple[Path, ...]) -> _Pool:
+    def _place(self, inputs: tuple[Path, ...]) -> tuple[Mounts, tuple[str, ...]]:
+        """The mounts a job's containers need and its model dirs' paths inside them.
+
+        All dirs under the input roots: the roots (shared by every such job). Otherwise, or for
+        a job with no models (checkers): exactly its own dirs, at /in/0, /in/1, ...
+        """
+        under_roots = [self._root_path(path) for path in inputs]
+        paths = tuple(path for path in under_roots if path is not None)
+        if inputs and len(paths) == len(inputs):
+            return tuple((root, f"/roots/{i}") for i, root in enumerate(self.input_roots)), paths
+        own = tuple((path, f"/in/{i}") for i, path in enumerate(inputs))
+        return own, tuple(target for _, target in own)
+
+    def _root_of(self, path: Path) -> Path | None:
+        """The innermost input root holding `path` (resolved), or None."""
+        holding = [root for root in self.input_roots if path.is_relative_to(root)]
+        return max(holding, key=lambda root: len(root.parts)) if holding else None
+
+    def _root_path(self, path: Path) -> str | None:
+        """Where `path` is in a shared-roots container, or None when no root holds it."""
+        root = self._root_of(path)
+        if root is None:
+            return None
+        mounted = f"/roots/{self.input_roots.index(root)}"
+        return mounted if path == root else f"{mounted}/{path.relative_to(root).as_posix()}"
+
+    def _pool(self, mounts: Mounts) -> _Pool:
+        """The warm pool for these mounts, held for one job until `_unhold`; making a new one
+        closes the least recently used idle pools past `max_pools`."""
         with self._lock:
             if self._closed:
                 raise SandboxUnavailable("the docker runner is closed")
-            pool = self._pools.get(inputs)
+            pool = self._pools.get(mounts)
             if pool is None:
-                pool = self._pools[inputs] = _Pool(self, inputs, self.pool_size)
+                pool = self._pools[mounts] = _Pool(self, mounts, self.pool_size)
+            self._pools.move_to_end(mounts)
+            pool.busy += 1
+            evicted = self._evict()
+        for old in evicted:
+            old.close()
         return pool
+
+    def _unhold(self, pool: _Pool) -> None:
+        with self._lock:
+            pool.busy -= 1
+            evicted = self._evict()
+        for old in evicted:
+            old.close()
+
+    def _evict(self) -> list[_Pool]:
+        """Take the least recently used idle pools out while more than `max_pools` live (a
+        pool with a job in flight stays; the bound is met again when it goes idle)."""
+        evicted: list[_Pool] = []
+        idle = [pool for pool in self._pools.values() if pool.busy == 0]
+        while len(self._pools) > self.max_pools and idle:
+            pool = idle.pop(0)
+            del self._pools[pool.mounts]
+            evicted.append(pool)
+        return evicted
 
     def prewarm(self, base_dir: Path, expert_dirs: list[Path]) -> None:
         """Start the warm containers for these models now, instead of on the first job."""
         if self.pool_size > 0:
-            self._pool(_inputs(MergeJob("", base_dir, expert_dirs, Path(".")))).fill()
+            mounts, _ = self._place(_inputs(MergeJob("", base_dir, expert_dirs, Path("."))))
+            pool = self._pool(mounts)
+            pool.fill()
+            self._unhold(pool)
 
     def _input_problem(self, inputs: tuple[Path, ...]) -> str | None:
-        """Why the container user cannot read the model dirs, or None (checked once per set)."""
-        if inputs in self._readable:
-            return None
-        for root in inputs:
-            if not root.is_dir():
-                return f"model dir '{root}' does not exist"
-            if os.getuid() != 0:
-                continue  # the container runs as this user: it reads what we read
-            for path in [root, *root.rglob("*")]:
-                mode = path.stat().st_mode
-                if not mode & 0o004 or (path.is_dir() and not mode & 0o001):
-                    return (
-                        f"'{path}' is not readable by the sandbox user (uid {SANDBOX_UID}): "
-                        f"run `chmod -R a+rX {root}`"
-                    )
-        self._readable.add(inputs)
+        """Why the container user cannot read the model dirs, or None (each dir checked once).
+
+        Under an input root the dirs between the root and the model dir must be searchable
+        too; the roots themselves were checked when the runner was made.
+        """
+        for model_dir in inputs:
+            if model_dir in self._readable:
+                continue
+            if not model_dir.is_dir():
+                return f"model dir '{model_dir}' does not exist"
+            if os.getuid() == 0:  # else the container runs as this user: it reads what we read
+                problem = _unreadable(model_dir, self._root_of(model_dir))
+                if problem is not None:
+                    return problem
+            self._readable.add(model_dir)
         return None
 
     def _make_dir(self, path: Path) -> None:
@@ -673,6 +769,37 @@ class DockerRunner:
 
 def _inputs(job: MergeJob) -> tuple[Path, ...]:
     return tuple(Path(d).resolve() for d in [job.base_dir, *job.expert_dirs])
+
+
+def _unreadable(model_dir: Path, root: Path | None) -> str | None:
+    """Why the sandbox user cannot read `model_dir`, or reach it from its input `root`."""
+    between = [parent for parent in model_dir.parents if root and parent.is_relative_to(root)]
+    for parent in between:
+        if not parent.stat().st_mode & 0o001:
+            return (
+                f"'{parent}' is not searchable by the sandbox user (uid {SANDBOX_UID}): "
+                f"run `chmod o+x {parent}`"
+            )
+    for path in [model_dir, *model_dir.rglob("*")]:
+        mode = path.stat().st_mode
+        if not mode & 0o004 or (path.is_dir() and not mode & 0o001):
+            return (
+                f"'{path}' is not readable by the sandbox user (uid {SANDBOX_UID}): "
+                f"run `chmod -R a+rX {model_dir}`"
+            )
+    return None
+
+
+def _root_problem(root: Path) -> str | None:
+    """Why `root` cannot be a shared input root, or None."""
+    if not root.is_dir():
+        return f"input root '{root}' is not a directory: create it before making the runner"
+    if os.getuid() == 0 and not root.stat().st_mode & 0o001:
+        return (
+            f"input root '{root}' is not searchable by the sandbox user (uid {SANDBOX_UID}): "
+            f"run `chmod o+x {root}`"
+        )
+    return None
 
 
 def _memory_verdict(limits: SandboxLimits) -> tuple[str, str]:

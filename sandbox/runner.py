@@ -400,13 +400,21 @@ def run_many(runner: Runner, jobs: Sequence[MergeJob], workers: int = 2) -> list
 
 
 def make_runner(
-    kind: str = "auto", limits: SandboxLimits | None = None, **docker_options: Any
+    kind: str = "auto",
+    limits: SandboxLimits | None = None,
+    *,
+    input_roots: Sequence[Path] = (),
+    **docker_options: Any,
 ) -> Runner:
     """The runner for `kind`: "docker", "process", or "auto" (Docker when a daemon is
     reachable, else the process fallback, with a warning either way it falls back).
 
-    `docker_options` go to `DockerRunner` (pool_size, cpus, runtime, gpus, scratch_dir, ...).
-    "docker" raises SandboxUnavailable with a one-line reason when Docker cannot be used.
+    `input_roots` are dirs that hold the models of many jobs (the zoo, a session's children):
+    Docker mounts them read-only in one shared warm pool instead of a pool per set of models;
+    the process runner needs nothing (under bubblewrap it sees the host read-only). The other
+    `docker_options` go to `DockerRunner` (pool_size, max_pools, cpus, runtime, gpus,
+    scratch_dir, ...). "docker" raises SandboxUnavailable with a one-line reason when Docker
+    cannot be used.
     """
     if kind not in ("auto", "docker", "process"):
         raise ValueError(f"unknown sandbox runner {kind!r}: use 'auto', 'process' or 'docker'")
@@ -415,7 +423,7 @@ def make_runner(
     from sandbox.docker_runner import DockerRunner
 
     try:
-        return DockerRunner(limits, **docker_options)
+        return DockerRunner(limits, input_roots=input_roots, **docker_options)
     except SandboxUnavailable as err:
         if kind == "docker":
             raise

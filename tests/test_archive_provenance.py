@@ -81,7 +81,7 @@ def test_v2_archive_upgrades_in_place(path: Path) -> None:
     with pytest.raises(ArchiveError, match="schema v2.*open it once writable"):
         Archive.open(path, read_only=True)
     with Archive.open(path) as archive:
-        assert archive.scalar("SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 3
+        assert archive.scalar("SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 4
         assert archive.scalar("SELECT count(*) FROM algorithms") == 1
         assert archive.query("SELECT dpo_run_id FROM preference_pairs")[1] == [("s/dpo/it1",)]
         assert dict(archive.query("SELECT model_id, generation FROM models")[1]) == {
@@ -155,7 +155,7 @@ def test_export_import_round_trip_and_merge(tmp_path: Path) -> None:
         fill_v3(archive)
         exported = archive.export_parquet(tmp_path / "export")
     assert exported["algorithms"] == 10 and exported["evaluations"] == 21
-    assert json.loads((tmp_path / "export" / "manifest.json").read_text())["schema_version"] == 3
+    assert json.loads((tmp_path / "export" / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION == 4
     with Archive.open(second) as archive:
         added = archive.import_parquet(tmp_path / "export")
         assert added == exported

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,10 @@ def test_container_is_confined(
     out.mkdir()
     runner._make_dir(out / "x")
     kwargs = runner._container_kwargs(
-        (Path(tiny_models["base"]).resolve(),), out / "x", ["python3", "-c", PROBE], "coevo-sandbox-probe"
+        ((Path(tiny_models["base"]).resolve(), "/in/0"),),
+        out / "x",
+        ["python3", "-c", PROBE],
+        "coevo-sandbox-probe",
     )
     container = runner.client.containers.create(**kwargs)
     try:
@@ -212,6 +216,191 @@ def test_unreadable_models_give_a_clear_error(docker_ready: None, tmp_path: Path
         runner.close()
     assert result.verdict == "sandbox_error"
     assert "not readable by the sandbox user" in result.reason and "chmod -R a+rX" in result.reason
+
+
+@pytest.fixture(scope="module")
+def model_roots(tiny_models: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A zoo root holding the base and a models root holding six children of generation 1."""
+    from coevo.zoo.tiny import perturbed_copy
+
+    top = tmp_path_factory.mktemp("roots")
+    zoo, models = top / "zoo", top / "models"
+    base = Path(shutil.copytree(tiny_models["base"], zoo / "base"))
+    children = [perturbed_copy(base, models / "gen1" / f"child{i}", seed=10 + i) for i in range(6)]
+    return {"zoo": zoo, "models": models, "base": base, "children": children}
+
+
+def _mean_merged(base: Path, experts: list[Path], out: Path) -> dict[str, Any]:
+    """The weights MEAN gives, merged on the host with the same merging code."""
+    import torch
+    from safetensors.torch import load_file
+
+    from merging import merge_models
+
+    merge_models(lambda tvs, *, name, base: torch.stack(tvs).mean(dim=0), base, experts, out)
+    return load_file(out / "model.safetensors")
+
+
+def _assert_same_weights(model_dir: Path, expected: dict[str, Any]) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    merged = load_file(model_dir / "model.safetensors")
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(merged[name], tensor, rtol=0, atol=1e-6), name
+
+
+def _wait_for(condition: Any, timeout_s: float = 60.0) -> None:
+    """Containers are removed and replaced in background threads: wait for them to settle."""
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "timed out waiting for the containers to settle"
+        time.sleep(0.2)
+
+
+def test_shared_input_roots_serve_every_parent_pair_from_one_pool(
+    docker_ready: None, model_roots: dict, tiny_models: dict, tmp_path: Path
+) -> None:
+    from coevo.zoo.tiny import perturbed_copy
+
+    base, children = model_roots["base"], model_roots["children"]
+    runner = _runner(pool_size=1, input_roots=[model_roots["zoo"], model_roots["models"]])
+    try:
+        assert "2 shared input roots" in runner.description
+        pairs = [[children[i], children[i + 1]] for i in range(5)]
+        container_ids = []
+        for i, experts in enumerate(pairs):
+            result = runner.run(MergeJob(MEAN, base, experts, tmp_path / f"pair{i}"))
+            assert result.verdict == "ok", result
+            container_ids.append([c.id for c in _sandbox_containers(runner)])
+            expected = _mean_merged(base, experts, tmp_path / f"expected{i}")
+            _assert_same_weights(tmp_path / f"pair{i}", expected)
+        assert len(container_ids[0]) == 1 and all(ids == container_ids[0] for ids in container_ids)
+
+        # a child written into a root after the pool started is visible to the same container
+        newborn = perturbed_copy(children[0], model_roots["models"] / "gen2" / "child0", seed=99)
+        result = runner.run(MergeJob(MEAN, base, [newborn, children[5]], tmp_path / "newborn"))
+        assert result.verdict == "ok", result
+        assert [c.id for c in _sandbox_containers(runner)] == container_ids[0]
+
+        # models outside the roots get their own pool, as before
+        outside = list(tiny_models["experts"][:2])
+        result = runner.run(MergeJob(MEAN, tiny_models["base"], outside, tmp_path / "outside"))
+        assert result.verdict == "ok", result
+        _assert_same_weights(
+            tmp_path / "outside", _mean_merged(tiny_models["base"], outside, tmp_path / "expected")
+        )
+        ids = {c.id for c in _sandbox_containers(runner)}
+        assert len(ids) == 2 and container_ids[0][0] in ids
+    finally:
+        runner.close()
+    assert _sandbox_containers(runner) == []
+
+
+def test_shared_roots_are_mounted_read_only(
+    docker_ready: None, model_roots: dict, tmp_path: Path
+) -> None:
+    zoo, models = model_roots["zoo"].resolve(), model_roots["models"].resolve()
+    runner = _runner(pool_size=1, input_roots=[zoo, models])
+    try:
+        experts = model_roots["children"][:2]
+        result = runner.run(MergeJob(MEAN, model_roots["base"], experts, tmp_path / "m"))
+        assert result.verdict == "ok", result
+        (container,) = _sandbox_containers(runner)
+        container.reload()
+        mounts = {m["Destination"]: (m["Source"], m["RW"]) for m in container.attrs["Mounts"]}
+        assert mounts == {
+            "/roots/0": (str(zoo), False),
+            "/roots/1": (str(models), False),
+            "/out": (str(runner.scratch / container.name), True),
+        }
+        # what hostile code that escaped the harness would meet: even a dir the sandbox user
+        # may write to on the host is a read-only file system in the container
+        writable = models / "world-writable"
+        writable.mkdir(exist_ok=True)
+        writable.chmod(0o777)
+        code, output = container.exec_run(
+            ["python3", "-c", "open('/roots/1/world-writable/x', 'w')"]
+        )
+        assert code != 0 and b"Read-only file system" in output, output
+        assert not (writable / "x").exists()
+        for target in ("/roots/0/pwned", "/roots/1/gen1/child0/model.safetensors"):
+            code, output = container.exec_run(["python3", "-c", f"open({target!r}, 'a')"])
+            assert code != 0 and (b"Read-only file system" in output or b"denied" in output)
+    finally:
+        runner.close()
+    assert _sandbox_containers(runner) == []
+
+
+def test_input_roots_are_checked(docker_ready: None, model_roots: dict, tmp_path: Path) -> None:
+    import os
+
+    with pytest.raises(ValueError, match="is not a directory"):
+        _runner(input_roots=[tmp_path / "missing"])
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    with pytest.raises(ValueError, match="overlaps the sandbox scratch dir"):
+        _runner(input_roots=[workdir], scratch_dir=workdir / ".sandbox")
+    if os.getuid() != 0:
+        return  # the container runs as the host user: it reads what the user reads
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    with pytest.raises(ValueError, match="not searchable by the sandbox user"):
+        _runner(input_roots=[closed])
+    root = tmp_path / "root"
+    (root / "hidden").mkdir(parents=True)
+    child = Path(shutil.copytree(model_roots["children"][0], root / "hidden" / "child"))
+    (root / "hidden").chmod(0o700)
+    runner = _runner(pool_size=1, input_roots=[root])
+    try:
+        result = runner.run(MergeJob(MEAN, model_roots["base"], [child], tmp_path / "m"))
+    finally:
+        runner.close()
+    assert result.verdict == "sandbox_error"
+    assert "not searchable by the sandbox user" in result.reason and "chmod o+x" in result.reason
+
+
+def test_per_input_pools_are_bounded(docker_ready: None, tiny_models: dict, tmp_path: Path) -> None:
+    import threading
+
+    base, experts = tiny_models["base"], list(tiny_models["experts"])
+    runner = _runner(pool_size=1, max_pools=2, limits=SandboxLimits(timeout_s=5, memory_mb=1024))
+
+    def run(expert_dirs: list[Path], out: str) -> Any:
+        result = runner.run(MergeJob(MEAN, base, expert_dirs, tmp_path / out))
+        _wait_for(lambda: len(_sandbox_containers(runner)) <= 2)
+        return result
+
+    try:
+        assert run([experts[0]], "a").verdict == "ok"
+        (first,) = _sandbox_containers(runner)
+        assert run([experts[1]], "b").verdict == "ok"
+        assert run([experts[0]], "a2").verdict == "ok"  # the first pool is now the most recent
+        assert run([experts[2]], "c").verdict == "ok"  # closes the pool of experts[1]
+        assert first.id in {c.id for c in _sandbox_containers(runner)}
+        assert run([experts[0], experts[1]], "ab").verdict == "ok"  # closes the first pool
+        ids = {c.id for c in _sandbox_containers(runner)}
+        assert len(ids) == 2 and first.id not in ids
+
+        # a pool with a job in flight is never closed, even past the bound
+        small = _runner(pool_size=1, max_pools=1, limits=SandboxLimits(timeout_s=5, memory_mb=1024))
+        try:
+            spin: list[Any] = []
+            job = MergeJob(SPIN, base, [experts[0]], tmp_path / "spin")
+            spinning = threading.Thread(target=lambda: spin.append(small.run(job)))
+            spinning.start()
+            time.sleep(0.5)
+            result = small.run(MergeJob(MEAN, base, [experts[1]], tmp_path / "during"))
+            spinning.join()
+            assert result.verdict == "ok", result
+            assert spin[0].verdict == "timeout", spin[0]  # not killed by a pool being closed
+            _wait_for(lambda: len(_sandbox_containers(small)) <= 1)
+        finally:
+            small.close()
+    finally:
+        runner.close()
+    assert _sandbox_containers(runner) == [] and _sandbox_containers(small) == []
 
 
 def _cli(argv: list[str]) -> int:

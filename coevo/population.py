@@ -1,0 +1,98 @@
+"""Launching and resuming the population modes (acdc, cycleqd); see `agents.coevolution`."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from langgraph.checkpoint.sqlite import SqliteSaver
+
+from agents.backends import make_backend
+from agents.coevolution import (
+    PopulationContext,
+    build_population_graph,
+    format_population_report,
+    generated_algorithms,
+)
+from agents.task_writer import LLMTaskWriter, ProceduralTaskWriter, TaskWriter
+from archive_store import Archive
+from coevo.config import Config, ConfigError
+from coevo.ui import say
+from sandbox.runner import Runner
+
+
+def _llm(backend: str, model: str, base_url: str, api_key: str, device: str = "cpu") -> Any:
+    if backend == "openai":
+        if not base_url:
+            raise ConfigError(f"an OpenAI-compatible backend for {model!r} needs a base_url")
+        return make_backend("openai", base_url=base_url, model=model, api_key=api_key or None)
+    if backend == "vllm":
+        return make_backend("vllm", model_dir=Path(model))
+    return make_backend("transformers", model_dir=Path(model), device=device)
+
+
+def make_writer(config: Config) -> TaskWriter:
+    """The task writer the config asks for: procedural (embedded default) or an LLM."""
+    cfg = config.tasks
+    prompts_dir = Path(cfg.prompts_dir) if cfg.prompts_dir else None
+    if cfg.writer == "llm":
+        backend = _llm(cfg.backend, cfg.model, cfg.base_url, cfg.api_key, cfg.device)
+        return LLMTaskWriter(
+            backend, prompts_dir=prompts_dir, n_instances=cfg.instances, temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+    return ProceduralTaskWriter(instances=cfg.instances)
+
+
+def _algorithms(config: Config, archive: Archive) -> list[dict[str, Any]]:
+    if config.population.crossover != "algorithm":
+        return []
+    source = config.population.algorithms_from
+    if source:
+        with Archive.open(Path(source), read_only=True) as other:
+            found = generated_algorithms(other)
+    else:
+        found = generated_algorithms(archive)
+    if not found:
+        raise ConfigError(
+            f"population.crossover = 'algorithm' but {source or 'this workdir archive'} holds no executed generated "
+            "algorithm with a dev score: run a selfdev session there first (coevo launch --mode selfdev), "
+            "or point population.algorithms_from at an archive that has one"
+        )
+    return found
+
+
+def run_population(
+    config: Config, workdir: Path, archive: Archive, runner: Runner, session_id: str,
+    base: Path, experts: list[Path], *, resume: bool,
+) -> None:
+    """Run (or resume) an acdc / cycleqd session to the end and print its report."""
+    writer = make_writer(config)
+    algorithms = _algorithms(config, archive)
+    judge_llm = None
+    if config.judge.llm_model:
+        j = config.judge
+        judge_llm = lambda: _llm(j.llm_backend, j.llm_model, j.llm_base_url, j.llm_api_key, j.device)  # noqa: E731
+    if not resume:
+        with archive.transaction():
+            archive.add_session(session_id, config.mode, config.seed, config.model_dump())
+        p = config.population
+        say(f"[session] {session_id}: {config.mode}, {p.generations} generations x {p.children} children, "
+            f"archive of {p.size}, crossover {p.crossover}, mutation {p.mutation}, selection {p.selection}, "
+            f"task writer {writer.name} ({'coevolving' if config.tasks.coevolve else 'static'} tasks)")
+    ctx = PopulationContext(
+        config=config, session_id=session_id, workdir=workdir, archive=archive, runner=runner, base_dir=base,
+        expert_dirs=experts, writer=writer, make_judge_llm=judge_llm, algorithms=algorithms,
+    )
+    conn = sqlite3.connect(workdir / "checkpoints.sqlite", check_same_thread=False)
+    try:
+        graph = build_population_graph(ctx, SqliteSaver(conn))
+        run_config = {"configurable": {"thread_id": session_id}, "recursion_limit": 100_000}
+        start = None if resume else {"generation": 0, "finished": False}
+        for _ in graph.stream(start, run_config, durability="sync"):
+            archive.publish_snapshot()  # readers (coevo sql) see each step once it is whole
+    finally:
+        conn.close()
+    say("")
+    say(format_population_report(archive, session_id))
