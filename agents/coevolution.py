@@ -53,6 +53,7 @@ from agents.selection import (
     cycleqd_quality,
     dns_scores,
     dns_select,
+    insert_everywhere,
     make_grids,
     random_select,
     task_weights,
@@ -478,18 +479,17 @@ def _family_vector(ctx: PopulationContext, task_scores: dict[str, float], key: C
 
 
 def _grids(ctx: PopulationContext, generation: int) -> dict[str, MapElites]:
+    """The MAP-Elites grids after `generation`, rebuilt by offering its elites to fresh grids
+    with their skill scores on today's tasks (the same grids when the task set is static; a
+    coevolving task set re-bins them)."""
     cfg = ctx.config.population
     grids = make_grids(_skills(ctx), cfg.bins, cfg.cyclic)
-    rows = ctx.archive.records(
-        "select * from population_snapshots where session_id = ? and generation = ?", [ctx.session_id, generation]
-    )
-    for name, grid in list(grids.items()):
-        cells = [
-            {"quality": name, "cell": [int(b) for b in r["slot"].split(",")], "model_id": r["model_id"],
-             "quality_score": r["fitness"], "scores": json.loads(r["skills"])}
-            for r in rows if r["grid"] == name
-        ]
-        grids[name] = MapElites.from_rows(name, grid.axes, grid.bins, cells)
+    if generation < 0:
+        return grids
+    members = sorted(population(ctx, generation))
+    scores = _scores(ctx, members)
+    for model_id in members:
+        insert_everywhere(grids, model_id, _family_vector(ctx, scores[model_id], skill_of))
     return grids
 
 
@@ -501,11 +501,9 @@ def _select_and_snapshot(ctx: PopulationContext, generation: int, candidates: li
     task_ids = [t for t, *_ in ctx.active_tasks()]
     rows = []
     if ctx.config.mode == "cycleqd":
-        grids = _grids(ctx, generation - 1) if generation > 0 else make_grids(_skills(ctx), cfg.bins, cfg.cyclic)
-        for model_id in candidates:
-            vector = _family_vector(ctx, scores[model_id], skill_of)
-            for grid in grids.values():
-                grid.insert(model_id, vector)
+        grids = _grids(ctx, generation - 1)
+        for model_id in candidates:  # CycleQD offers every child to every grid
+            insert_everywhere(grids, model_id, _family_vector(ctx, scores[model_id], skill_of))
         for name, grid in grids.items():
             for cell in grid.to_rows():
                 rows.append({
@@ -734,7 +732,8 @@ def _add_families(ctx: PopulationContext, families: list[TaskFamily], generation
     ctx.archive.add_task_families([
         {"family_id": f.family_id, "session_id": ctx.session_id, "generation": generation, "name": f.name,
          "instructions": f.instructions, "checker": f.checker, "params": f.params, "parent_id": f.parent_id,
-         "action": f.action, "origin": f.origin, "n_instances": len(f.instances)}
+         "action": f.action, "origin": f.origin, "n_instances": len(f.instances),
+         "prompt_hash": f.params.get("prompt_hash") if isinstance(f.params.get("prompt_hash"), str) else None}
         for f in families
     ])
     ctx.archive.add_tasks([

@@ -18,6 +18,7 @@ from agents.coevolution import (
 from agents.task_writer import LLMTaskWriter, ProceduralTaskWriter, TaskWriter
 from archive_store import Archive
 from coevo.config import Config, ConfigError
+from coevo.prompts import load_prompt
 from coevo.ui import say
 from sandbox.runner import Runner
 
@@ -77,6 +78,14 @@ def run_population(
     if not resume:
         with archive.transaction():
             archive.add_session(session_id, config.mode, config.seed, config.model_dump())
+            # The templates of every LLM role in use, by hash (families and scores refer to them).
+            for prompt in getattr(writer, "prompts", {}).values():
+                archive.add_prompt("task_writer", prompt.name, prompt.text)
+            for role, used in (("judge", config.judge.llm), ("gibberish", config.population.gibberish == "llm"),
+                               ("best_of_n", config.judge.best_of_n == "llm")):
+                if used:
+                    prompt = load_prompt(role)
+                    archive.add_prompt("judge", prompt.name, prompt.text)
         p = config.population
         say(f"[session] {session_id}: {config.mode}, {p.generations} generations x {p.children} children, "
             f"archive of {p.size}, crossover {p.crossover}, mutation {p.mutation}, selection {p.selection}, "

@@ -1,0 +1,142 @@
+"""An acdc session whose task writer, judge, gibberish filter and best-of-N picker are LLMs:
+a real local OpenAI-compatible server (scripted replies) over real HTTP, the real zoo models
+as the population, and checker code validated in the sandbox."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from archive_store import Archive
+
+pytestmark = pytest.mark.slow
+
+OPS = {"up": str.upper, "rev": lambda w: w[::-1], "say": lambda w: w}
+CHECKERS = {
+    "up": 'def check(answer, instance):\n    return answer.strip() == instance["word"].upper()\n',
+    "rev": 'def check(answer, instance):\n    return answer.strip() == instance["word"][::-1]\n',
+    "say": 'def check(answer, instance):\n    return answer.strip() == instance["word"]\n',
+}
+WORDS = ["abc", "hij", "bead", "fig", "jab", "cafe", "dig", "hide", "ace", "big", "head", "jig"]
+
+
+class Scripted:
+    """Replies like a capable LLM in each role; counts the prompts each role received."""
+
+    def __init__(self) -> None:
+        self.families = 0
+        self.seen: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def family(self) -> str:
+        with self.lock:
+            k = self.families
+            self.families += 1
+        op = list(OPS)[k % 3]
+        words = [WORDS[(k * 5 + i) % len(WORDS)] + "abcdefghij"[k % 10] for i in range(4)]
+        spec = {
+            "name": f"{op}-family-{k}",
+            "instructions": f"Variant {k}: apply `{op}` to a word. The prompt is `{op} <word>=`.",
+            "instances": [{"prompt": f"{op} {w}=", "word": w, "solution": OPS[op](w)} for w in words],
+        }
+        return f"```json\n{json.dumps(spec)}\n```\n\n```python\n{CHECKERS[op]}```\n"
+
+    def reply(self, prompt: str) -> str:
+        if prompt.startswith("You design task families"):
+            self.seen["writer"] += 1
+            return self.family()
+        if prompt.startswith("You are grading one answer"):
+            self.seen["judge"] += 1
+            reference = re.search(r"## Reference answer\n(.*)\n", prompt).group(1).strip()  # type: ignore[union-attr]
+            answer = re.search(r"## Answer to grade\n(.*)\n", prompt).group(1).strip()  # type: ignore[union-attr]
+            return "Compared with the reference.\nVERDICT: " + ("CORRECT" if answer == reference else "INCORRECT")
+        if prompt.startswith("A merged language model answered"):
+            self.seen["gibberish"] += 1
+            return "Readable attempts.\nVERDICT: OK"
+        if "BEST:" in prompt:
+            self.seen["best_of_n"] += 1
+            return "The first is as good as any.\nBEST: 0"
+        match = re.fullmatch(r"(up|rev|say) ([a-z]+)=", prompt.strip())
+        self.seen["solver"] += 1
+        return OPS[match.group(1)](match.group(2)) if match else "no idea"
+
+
+@pytest.fixture()
+def server() -> Iterator[tuple[str, Scripted]]:
+    script = Scripted()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompts = request["prompt"] if isinstance(request["prompt"], list) else [request["prompt"]]
+            n = int(request.get("n", 1))
+            choices = [
+                {"index": i * n + j, "text": script.reply(p), "logprobs": None, "finish_reason": "stop"}
+                for i, p in enumerate(prompts) for j in range(n)
+            ]
+            body = json.dumps({"id": "x", "object": "text_completion", "created": int(time.time()),
+                               "model": request["model"], "choices": choices}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", script
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_acdc_with_llm_roles(tmp_path: Path, zoo_dir: Path, server: tuple[str, Scripted]) -> None:
+    url, script = server
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'mode = "acdc"\nseed = 2\n[zoo]\ndir = "{zoo_dir}"\n'
+        "[population]\ngenerations = 2\nchildren = 3\nsize = 4\ngibberish = \"llm\"\n"
+        f'[tasks]\nwriter = "llm"\nmodel = "scripted"\nbase_url = "{url}"\nadapt_every = 1\nnew_per_round = 2\ninstances = 4\n'
+        f'[judge]\nllm = true\nllm_model = "scripted"\nllm_base_url = "{url}"\nbest_of_n = "llm"\n'
+        '[sandbox]\nrunner = "process"\n'
+    )
+    workdir = tmp_path / "w"
+    done = subprocess.run([sys.executable, "-m", "coevo", "launch", str(config), "--workdir", str(workdir)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Final team" in done.stdout
+    assert all(script.seen[role] > 0 for role in ("writer", "judge", "gibberish", "best_of_n", "solver")), script.seen
+    with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
+        families = archive.records("select * from task_families order by generation, family_id")
+        assert {f["origin"] for f in families} == {"llm:openai:scripted"} or all(f["origin"].startswith("llm:") for f in families)
+        assert any(f["generation"] >= 1 for f in families)  # the writer adapted the pool
+        # each family names the template it came from, archived by hash
+        hashes = {f["prompt_hash"] for f in families}
+        assert None not in hashes
+        assert archive.scalar("select count(*) from prompts where prompt_hash in (select unnest(?))", [list(hashes)]) == len(hashes)
+        assert archive.scalar("select count(*) from prompts where role = 'judge'") == 3
+        judges = [r[0] for r in archive.query("select distinct judge from evaluations")[1]]
+        assert len(judges) == 1 and judges[0].startswith("llm:")
+        # the LLM judge's verdicts match exact comparison with the reference solution
+        mismatched = archive.scalar(
+            "select count(*) from evaluations e join tasks t using (task_id) "
+            "where (trim(e.answer) = t.answer) != (e.score = 1)"
+        )
+        assert mismatched == 0
+        assert archive.scalar("select count(*) from generation_metrics") == 3
