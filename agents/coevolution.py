@@ -1,8 +1,8 @@
 """The population modes (AC/DC and CycleQD), declared in one place.
 
-    seed -> write_tasks -> breed -> evaluate -> select -> measure --+--> report -> END
-              ^                                                     |
-              +------------------- next generation -----------------+
+    seed -> measure --+--> write_tasks -> breed -> evaluate -> select -> measure --+--> report -> END
+                      ^                                                         |
+                      +------------------------ next generation ----------------+
 
 - **seed**: the task writer's seed families (validated in the sandbox) and the first
   population (base and experts), scored on every task.
@@ -29,9 +29,9 @@ import functools
 import json
 import math
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -162,7 +162,7 @@ def seed(state: PopulationState, ctx: PopulationContext) -> PopulationState:
     """The seed task families and the first population (base and experts), all scored."""
     sid = ctx.session_id
     if ctx.archive.step_done(sid, 0, "seed"):
-        return {"generation": 1}
+        return {"generation": 0}
     say(f"  task writer ({ctx.writer.name}): writing and validating the seed task families in the sandbox")
     seeded = seed_pool(ctx.writer, runner=ctx.runner, novelty=ctx.novelty(), prefix=f"{sid}/tasks",
                        rng=ctx.rng(0, "seed"), solver=getattr(ctx.writer, "solver", None))
@@ -187,8 +187,7 @@ def seed(state: PopulationState, ctx: PopulationContext) -> PopulationState:
         ctx.archive.mark_step(sid, 0, "seed")
     say(f"  {len(accepted)} seed task families ({len(ctx.active_tasks())} tasks), {len(rejected)} rejected; "
         f"first population: base and {len(ctx.expert_dirs)} experts")
-    _measure(ctx, 0, children=0, children_ok=0, discarded=0, added=len(accepted), removed=0, n_rejected=len(rejected), started=None)
-    return {"generation": 1}
+    return {"generation": 0}
 
 
 def write_tasks(state: PopulationState, ctx: PopulationContext) -> PopulationState:
@@ -367,7 +366,7 @@ def measure(state: PopulationState, ctx: PopulationContext) -> PopulationState:
             [sid, g],
         )[0]
         _measure(ctx, g, children=counts["children"], children_ok=counts["ok"], discarded=counts["discarded"],
-                 added=tasks_log["added"], removed=tasks_log["removed"], n_rejected=tasks_log["rejected"], started=None)
+                 added=tasks_log["added"], removed=tasks_log["removed"], n_rejected=tasks_log["rejected"])
     return {"generation": g + 1}
 
 
@@ -393,7 +392,7 @@ def build_population_graph(ctx: PopulationContext, checkpointer: Any) -> Any:
     for node in (seed, write_tasks, breed, evaluate, select, measure, report):
         graph.add_node(node.__name__, functools.partial(node, ctx=ctx))
     graph.add_edge(START, "seed")
-    graph.add_conditional_edges("seed", functools.partial(_after_measure, ctx=ctx), ["write_tasks", "report"])
+    graph.add_edge("seed", "measure")
     graph.add_edge("write_tasks", "breed")
     graph.add_edge("breed", "evaluate")
     graph.add_edge("evaluate", "select")
@@ -532,8 +531,13 @@ def _select_and_snapshot(ctx: PopulationContext, generation: int, candidates: li
 
 
 def _measure(ctx: PopulationContext, generation: int, *, children: int, children_ok: int, discarded: int,
-             added: int, removed: int, n_rejected: int, started: float | None) -> None:
+             added: int, removed: int, n_rejected: int) -> None:
     cfg = ctx.config.population
+    # Wall time since the previous generation was measured (a resumed one includes the pause).
+    previous = ctx.archive.scalar(
+        "select max(created_at) from generation_metrics where session_id = ? and generation = ?",
+        [ctx.session_id, generation - 1],
+    )
     members = population(ctx, generation)
     task_ids = [t for t, *_ in ctx.active_tasks()]
     scores = _scores(ctx, members)
@@ -557,7 +561,7 @@ def _measure(ctx: PopulationContext, generation: int, *, children: int, children
         "team": team, "team_coverage": coverage(solved, team, task_ids), "coverage_curve": [c for _, c, _ in curve],
         "best_of_n": sum(best) / max(1, len(best)), "children": children, "children_ok": children_ok,
         "children_discarded": discarded, "tasks_added": added, "tasks_removed": removed, "tasks_rejected": n_rejected,
-        "duration_s": None if started is None else time.time() - started,
+        "duration_s": None if previous is None else (datetime.now(UTC).replace(tzinfo=None) - previous).total_seconds(),
     }
     with ctx.archive.transaction():
         ctx.archive.add_generation_metrics(row)

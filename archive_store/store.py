@@ -83,7 +83,7 @@ def migrations() -> list[tuple[int, str, str]]:
 SCHEMA_VERSION = len(migrations())
 # Summary tables: derived from `evaluations` / `sandbox_runs`, kept by `add_evaluations` /
 # `add_sandbox_runs` in the writer's transaction, rebuilt after imports, never exported.
-SUMMARY_TABLES = ("model_scores", "task_scores", "generation_task_scores", "latest_runs")
+SUMMARY_TABLES = ("model_scores", "task_scores", "generation_task_scores", "model_family_scores", "latest_runs")
 # Adds the sandbox runs in the registered relation `{new}` to `latest_runs`.
 _ADD_RUNS_TO_SUMMARIES = """
 INSERT INTO latest_runs
@@ -109,6 +109,7 @@ SELECT DISTINCT m.session_id, m.generation
 FROM _touched t JOIN models m ON m.model_id = t.model_id
 WHERE m.generation IS NOT NULL;
 DELETE FROM model_scores WHERE model_id IN (SELECT model_id FROM _touched);
+DELETE FROM model_family_scores WHERE model_id IN (SELECT model_id FROM _touched);
 DELETE FROM task_scores WHERE task_id IN (SELECT task_id FROM _touched);
 DELETE FROM generation_task_scores g USING _touched_generations t
 WHERE g.session_id = t.session_id AND g.generation = t.generation;
@@ -121,6 +122,11 @@ INSERT INTO task_scores
 SELECT e.task_id, e.judge, count(*), sum(e.score), count(*) FILTER (WHERE e.score >= 1)
 FROM evaluations e
 WHERE e.task_id IN (SELECT task_id FROM _touched)
+GROUP BY ALL;
+INSERT INTO model_family_scores
+SELECT e.model_id, t.family_id, e.judge, count(*), sum(e.score), count(*) FILTER (WHERE e.score >= 1)
+FROM evaluations e JOIN tasks t ON t.task_id = e.task_id
+WHERE e.model_id IN (SELECT model_id FROM _touched) AND t.family_id IS NOT NULL
 GROUP BY ALL;
 INSERT INTO generation_task_scores
 SELECT m.session_id, m.generation, e.task_id, e.judge, count(*), max(e.score)
@@ -156,6 +162,15 @@ GROUP BY ALL
 ON CONFLICT (session_id, generation, task_id, judge) DO UPDATE SET
     n_models = generation_task_scores.n_models + excluded.n_models,
     best_score = greatest(generation_task_scores.best_score, excluded.best_score);
+INSERT INTO model_family_scores
+SELECT e.model_id, t.family_id, e.judge, count(*), sum(e.score), count(*) FILTER (WHERE e.score >= 1)
+FROM {new} e JOIN tasks t ON t.task_id = e.task_id
+WHERE t.family_id IS NOT NULL
+GROUP BY ALL
+ON CONFLICT (model_id, family_id, judge) DO UPDATE SET
+    n_tasks = model_family_scores.n_tasks + excluded.n_tasks,
+    sum_score = model_family_scores.sum_score + excluded.sum_score,
+    n_solved = model_family_scores.n_solved + excluded.n_solved;
 """
 # The named views users rely on (documented in the README, timed in bench/archive_scale.py).
 VIEWS = (
@@ -897,13 +912,14 @@ def _refill_summaries(con: duckdb.DuckDBPyConnection) -> None:
 def _migrate(con: duckdb.DuckDBPyConnection, current: int) -> None:
     """Apply the migrations above `current`, each in its own transaction."""
     con.execute(_BOOTSTRAP)
-    for version, name, sql in migrations():
-        if version <= current:
-            continue
+    pending = [m for m in migrations() if m[0] > current]
+    for version, name, sql in pending:
         con.begin()
         try:
             con.execute(sql)
-            if version == 3:  # v3 adds the summary tables: fill them from the evaluations
+            # The last migration applied fills the summary tables (added from v3 on) from the
+            # evaluations, in its own transaction: an upgrade cut short refills on the next open.
+            if version == pending[-1][0] and version >= 3:
                 _refill_summaries(con)
             con.execute("INSERT INTO schema_version (version, name) VALUES (?, ?)", [version, name])
         except duckdb.Error as exc:

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from archive_store import VIEWS, Archive  # noqa: E402
+from archive_store import POPULATION_VIEWS, VIEWS, Archive  # noqa: E402
 
 SID = "bench-session"
 BATCH = 100_000  # rows per write (a session writes a whole step at once)
@@ -48,7 +48,14 @@ def main() -> int:
         prompt = archive.add_prompt("generator", "generator.md", "Write a merge function.")
         archive.add_tasks(
             [{"task_id": f"t{i}", "skill": f"k{i % 3}", "split": "dev" if i % 2 else "test",
-              "prompt": f"p{i}", "answer": "a", "origin": "bench"} for i in range(args.tasks)]
+              "prompt": f"p{i}", "answer": "a", "origin": "bench", "family_id": f"f{i % 10}",
+              "instance": {"word": f"w{i}"}} for i in range(args.tasks)]
+        )  # fmt: skip
+        archive.add_task_families(
+            [{"family_id": f"f{k}", "session_id": SID, "generation": 0, "name": f"family{k}",
+              "instructions": "i", "checker": "def check(answer, instance):\n    return 1\n",
+              "params": {}, "action": "seed", "origin": "bench", "n_instances": args.tasks // 10}
+             for k in range(10)]
         )  # fmt: skip
         for version in range(iterations + 1):
             archive.add_generator_version(SID, version, f"gen/v{version}", dpo_run_id=f"d{version}")
@@ -140,7 +147,7 @@ def main() -> int:
 
         view_times: dict[str, tuple[float, float]] = {}
         with Archive.open(path, read_only=True) as reader:
-            for view in VIEWS:
+            for view in (*VIEWS, *POPULATION_VIEWS):
                 first = _median_ms(reader, f"SELECT * FROM {view} LIMIT 100")
                 full = _median_ms(reader, f"SELECT count(*) FROM (SELECT * FROM {view})")
                 view_times[view] = (first, full)

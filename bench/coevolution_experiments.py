@@ -6,6 +6,7 @@ Four comparisons, each arm run for every seed with everything else at the mode's
   cycleqd-axes    cycleqd with a cyclic quality axis vs a fixed one
   mutation        acdc with SVD mutation (the paper's) vs Gaussian noise vs none
   crossover       acdc with the papers' crossover vs a generated merge algorithm
+  acdc-tasks-long the first comparison over 24 generations instead of the default 8
 
 The sessions' own coverage is measured on their own (moving) task pools, so arms are compared on
 a fixed held-out benchmark instead: the zoo's test split plus harder and composed families the
@@ -53,6 +54,10 @@ ARMS: dict[str, dict[str, str]] = {
         "generated algorithm": 'mode = "acdc"\n[population]\ncrossover = "algorithm"\nalgorithm = "sample"\nalgorithms_from = "{algorithms}"\n',
     },
 }
+# The same arms over a longer horizon (CLI overrides added to the launch).
+ARMS["acdc-tasks-long"] = ARMS["acdc-tasks"]
+LAUNCH_ARGS = {"acdc-tasks-long": ["--generations", "24"]}
+CHILDREN_MEASURED = 4
 # Held-out benchmark families: harder and composed variants of the zoo's skills.
 BENCHMARK_PARAMS = (
     {"ops": ["upper"], "word_lo": 6, "word_hi": 6, "alphabet": "abcdefghij"},
@@ -72,7 +77,7 @@ def benchmark(zoo: Path, per_family: int = 40) -> list[tuple[str, str, str]]:
     return items
 
 
-def run_arm(workdir: Path, config_text: str, seed: int, zoo: Path, log: Path) -> float:
+def run_arm(workdir: Path, config_text: str, seed: int, zoo: Path, log: Path, args: list[str]) -> float:
     """Run one session; its config is the arm's text with the seed and the zoo added."""
     workdir.mkdir(parents=True, exist_ok=True)
     lines = config_text.splitlines()
@@ -83,7 +88,7 @@ def run_arm(workdir: Path, config_text: str, seed: int, zoo: Path, log: Path) ->
     config.write_text(text)
     started = time.time()
     with log.open("w") as out:
-        subprocess.run([sys.executable, "-m", "coevo", "launch", str(config), "--workdir", str(workdir)],
+        subprocess.run([sys.executable, "-m", "coevo", "launch", str(config), "--workdir", str(workdir), *args],
                        check=True, stdout=out, stderr=subprocess.STDOUT)
     return time.time() - started
 
@@ -94,6 +99,13 @@ def measure_run(workdir: Path, judge: Judge, bench: list[tuple[str, str, str]]) 
         metrics = archive.records("select * from generation_metrics order by generation")
         paths = dict(archive.query("select model_id, path from models")[1])
         final = archive.records("select model_id, path from models where name like 'cycleqd-final%'")
+        # Up to CHILDREN_MEASURED children per generation (the first by id) answer the benchmark too.
+        children = archive.query(
+            "select generation, model_id from models where kind = 'merged' and name like 'g%' "
+            "and discarded_reason is null qualify row_number() over (partition by generation order by model_id) <= ? "
+            "order by 1, 2", [CHILDREN_MEASURED],
+        )[1]
+        parents_of = {m: p for m, p in archive.query("select model_id, parent_ids from models")[1]}
     solved_cache: dict[str, set[int]] = {}
 
     def solved(model_id: str, path: str) -> set[int]:
@@ -103,6 +115,13 @@ def measure_run(workdir: Path, judge: Judge, bench: list[tuple[str, str, str]]) 
             solved_cache[model_id] = {i for i, (a, (_, _, ref)) in enumerate(zip(answers, bench, strict=True)) if exact_match(a, ref)}
         return solved_cache[model_id]
 
+    child_scores: dict[int, list[float]] = {}
+    child_gain: dict[int, list[float]] = {}
+    for generation, model_id in children:
+        score = len(solved(model_id, paths[model_id])) / len(bench)
+        parents = [len(solved(p, paths[p])) / len(bench) for p in parents_of[model_id]]
+        child_scores.setdefault(generation, []).append(score)
+        child_gain.setdefault(generation, []).append(score - max(parents))
     rows = []
     for m in metrics:
         team = json.loads(m["team"])
@@ -112,6 +131,9 @@ def measure_run(workdir: Path, judge: Judge, bench: list[tuple[str, str, str]]) 
             "generation": m["generation"], "own_coverage": m["population_coverage"], "own_team_coverage": m["team_coverage"],
             "n_tasks": m["n_tasks"], "bench_team_coverage": len(covered) / len(bench), "bench_best_single": best_single / len(bench),
             "children_ok": m["children_ok"], "children": m["children"],
+            "children_bench_mean": _mean(child_scores.get(m["generation"], [])),
+            "children_bench_best": max(child_scores.get(m["generation"], []), default=None),
+            "children_minus_best_parent": _mean(child_gain.get(m["generation"], [])),
         })
     result = {"generations": rows}
     if final:
@@ -119,6 +141,10 @@ def measure_run(workdir: Path, judge: Judge, bench: list[tuple[str, str, str]]) 
     last_team = json.loads(metrics[-1]["team"])
     result["final_team_children"] = sum("/g" in t for t in last_team)
     return result
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.mean(values) if values else None
 
 
 def svg_plot(path: Path, title: str, series: dict[str, list[float]], ylabel: str) -> None:
@@ -159,8 +185,8 @@ def svg_plot(path: Path, title: str, series: dict[str, list[float]], ylabel: str
 def summarise(results: dict, out: Path) -> str:
     lines = []
     for experiment, arms in results.items():
-        lines += [f"### {experiment}", "", "| arm | seeds | benchmark coverage, team of 3: gen 0 -> last (mean ± sd) | best single model, last | own-pool coverage, last | children in final team | minutes per run |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"### {experiment}", "", "| arm | seeds | held-out coverage, team of 3: gen 0 -> last | best team member, last | own-pool coverage, last | children: mean held-out score | children: best held-out score | child minus its best parent | children in final team | minutes per run |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         series = {}
         for arm, runs in arms.items():
             first = [r["generations"][0]["bench_team_coverage"] for r in runs.values()]
@@ -169,25 +195,31 @@ def summarise(results: dict, out: Path) -> str:
             own = [r["generations"][-1]["own_coverage"] for r in runs.values()]
             kids = [r["final_team_children"] for r in runs.values()]
             minutes = [r["seconds"] / 60 for r in runs.values()]
+            child_mean = [_mean([g["children_bench_mean"] for g in r["generations"] if g.get("children_bench_mean") is not None]) for r in runs.values()]
+            child_best = [max((g["children_bench_best"] for g in r["generations"] if g.get("children_bench_best") is not None), default=0.0) for r in runs.values()]
+            gain = [_mean([g["children_minus_best_parent"] for g in r["generations"] if g.get("children_minus_best_parent") is not None]) for r in runs.values()]
             lines.append(
                 f"| {arm} | {len(runs)} | {_pct(first)} -> {_pct(last)} | {_pct(single)} | {_pct(own)} | "
+                f"{_pct([v for v in child_mean if v is not None])} | {_pct(child_best)} | {_pct([v for v in gain if v is not None], signed=True)} | "
                 f"{statistics.mean(kids):.1f} | {statistics.mean(minutes):.1f} |"
             )
             n = min(len(r["generations"]) for r in runs.values())
             series[arm] = [statistics.mean(r["generations"][g]["bench_team_coverage"] for r in runs.values()) for g in range(n)]
             merged = [r["merged_elites_bench"] for r in runs.values() if "merged_elites_bench" in r]
             if merged:
-                lines.append(f"| {arm}: merged elites (one model) | {len(merged)} | {_pct(merged)} | | | | |")
+                lines.append(f"| {arm}: merged elites (one model) | {len(merged)} | {_pct(merged)} | | | | | | | |")
         plot = out / f"{experiment}.svg"
         svg_plot(plot, f"{experiment}: held-out coverage of the greedy team of 3 (mean over seeds)", series, "coverage %")
         lines += ["", f"![{experiment}]({plot.name})", ""]
     return "\n".join(lines)
 
 
-def _pct(values: list[float]) -> str:
+def _pct(values: list[float], signed: bool = False) -> str:
+    if not values:
+        return "-"
     mean = 100 * statistics.mean(values)
     sd = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {sd:.1f}"
+    return f"{mean:+.1f} ± {sd:.1f}" if signed else f"{mean:.1f} ± {sd:.1f}"
 
 
 def main() -> None:
@@ -196,6 +228,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("experiments"))
     parser.add_argument("--only", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--zoo", type=Path, default=None, help="zoo dir (default: the cached embedded zoo)")
+    parser.add_argument("--remeasure", action="store_true", help="measure the finished runs again (no new sessions)")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -215,12 +248,17 @@ def main() -> None:
         for arm, text in ARMS[experiment].items():
             for seed in args.seeds:
                 key = f"seed{seed}"
-                if key in results.get(experiment, {}).get(arm, {}):
-                    continue
                 slug = f"{experiment}-{arm}".replace(" ", "_").replace("(", "").replace(")", "")
                 workdir = out / "runs" / f"{slug}-s{seed}"
+                done = results.get(experiment, {}).get(arm, {}).get(key)
+                if done is not None:
+                    if args.remeasure:
+                        results[experiment][arm][key] = {**measure_run(workdir, judge, bench), "seconds": done["seconds"]}
+                        results_path.write_text(json.dumps(results, indent=1))
+                    continue
                 print(f"[experiments] {experiment} / {arm} / seed {seed}", flush=True)
-                seconds = run_arm(workdir, text.replace("{algorithms}", str(algorithms)), seed, zoo, out / "runs" / f"{slug}-s{seed}.log")
+                seconds = run_arm(workdir, text.replace("{algorithms}", str(algorithms)), seed, zoo, out / "runs" / f"{slug}-s{seed}.log",
+                                  LAUNCH_ARGS.get(experiment, []))
                 run = measure_run(workdir, judge, bench)
                 run["seconds"] = seconds
                 results.setdefault(experiment, {}).setdefault(arm, {})[key] = run

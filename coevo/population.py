@@ -15,10 +15,11 @@ from agents.coevolution import (
     format_population_report,
     generated_algorithms,
 )
-from agents.task_writer import LLMTaskWriter, ProceduralTaskWriter, TaskWriter
+from agents.task_writer import LLMTaskWriter, ProceduralTaskWriter, TaskWriter, families_from_tasks
 from archive_store import Archive
 from coevo.config import Config, ConfigError
 from coevo.prompts import load_prompt
+from coevo.tasks import load_tasks
 from coevo.ui import say
 from sandbox.runner import Runner
 
@@ -33,15 +34,25 @@ def _llm(backend: str, model: str, base_url: str, api_key: str, device: str = "c
     return make_backend("transformers", model_dir=Path(model), device=device)
 
 
-def make_writer(config: Config) -> TaskWriter:
-    """The task writer the config asks for: procedural (embedded default) or an LLM."""
+def make_writer(config: Config, session_id: str) -> TaskWriter:
+    """The task writer the config asks for: procedural (embedded zoo) or an LLM, seeded with
+    the user's task set (`models.tasks`, one family per skill) when there is one."""
     cfg = config.tasks
     prompts_dir = Path(cfg.prompts_dir) if cfg.prompts_dir else None
     if cfg.writer == "llm":
         backend = _llm(cfg.backend, cfg.model, cfg.base_url, cfg.api_key, cfg.device)
+        seeds = None
+        if config.models.tasks:
+            tasks = [t for t in load_tasks(Path(config.models.tasks)) if t.split == "dev"]
+            seeds = families_from_tasks(tasks, prefix=f"{session_id}/tasks")
         return LLMTaskWriter(
             backend, prompts_dir=prompts_dir, n_instances=cfg.instances, temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=cfg.max_new_tokens, seed_families=seeds,
+        )
+    if config.models.base:
+        raise ConfigError(
+            "tasks.writer = 'procedural' writes tasks in the embedded zoo's formats only: "
+            "with your own models set tasks.writer = 'llm' (and tasks.model / tasks.base_url)"
         )
     return ProceduralTaskWriter(instances=cfg.instances)
 
@@ -69,7 +80,7 @@ def run_population(
     base: Path, experts: list[Path], *, resume: bool,
 ) -> None:
     """Run (or resume) an acdc / cycleqd session to the end and print its report."""
-    writer = make_writer(config)
+    writer = make_writer(config, session_id)
     algorithms = _algorithms(config, archive)
     judge_llm = None
     if config.judge.llm_model:

@@ -78,6 +78,12 @@ def check_complete(workdir: Path, mode: str) -> dict:
             assert archive.scalar(f"select count(*) from {view}") > 0, view
         assert archive.scalar("select count(*) from task_families where action = 'seed'") > 0
         assert archive.scalar("select sum(n_tasks) from model_scores") == archive.scalar("select count(*) from evaluations")
+        # the skill-vector running totals match a recount of the evaluations (replays included)
+        recount = archive.query(
+            "select e.model_id, t.family_id, e.judge, count(*), sum(e.score), count(*) filter (where e.score >= 1) "
+            "from evaluations e join tasks t using (task_id) where t.family_id is not null group by all order by all"
+        )[1]
+        assert archive.query("select * from model_family_scores order by all")[1] == recount
         return {
             "families": archive.scalar("select count(*) from task_families"),
             "rejections": archive.scalar("select count(*) from task_rejections"),

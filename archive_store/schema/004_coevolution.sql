@@ -100,22 +100,33 @@ CREATE TABLE IF NOT EXISTS generation_metrics (
     PRIMARY KEY (session_id, generation)
 );
 
+-- Running totals per (model, task family), kept by the writer with the other summaries
+-- (`Archive.add_evaluations`), so skill vectors need not scan every evaluation.
+CREATE TABLE IF NOT EXISTS model_family_scores (
+    model_id   TEXT NOT NULL,                 -- models.model_id
+    family_id  TEXT NOT NULL,                 -- task_families.family_id
+    judge      TEXT NOT NULL,
+    n_tasks    BIGINT NOT NULL,
+    sum_score  DOUBLE NOT NULL,
+    n_solved   BIGINT NOT NULL,
+    PRIMARY KEY (model_id, family_id, judge)
+);
+
 -- Each model's skill vector: its pass rate per task family (instances solved / judged).
 CREATE OR REPLACE VIEW skill_vectors AS
-SELECT e.model_id,
+SELECT s.model_id,
        m.session_id,
        m.generation,
-       t.family_id,
+       s.family_id,
        f.name                                       AS family,
-       count(*)                                     AS n_instances,
-       count(*) FILTER (WHERE e.score >= 1)         AS n_solved,
-       avg(e.score)                                 AS pass_rate
-FROM evaluations e
-JOIN tasks t ON t.task_id = e.task_id
-JOIN task_families f ON f.family_id = t.family_id
-JOIN models m ON m.model_id = e.model_id
-GROUP BY ALL
-ORDER BY e.model_id, t.family_id;
+       s.judge,
+       s.n_tasks                                    AS n_instances,
+       s.n_solved,
+       s.sum_score / s.n_tasks                      AS pass_rate
+FROM model_family_scores s
+JOIN task_families f ON f.family_id = s.family_id
+JOIN models m ON m.model_id = s.model_id
+ORDER BY s.model_id, s.family_id;
 
 -- The task pool's history: every family with how it came and went, and what the population
 -- made of it (pass rate over every evaluation of its instances).
