@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,8 +79,9 @@ def benchmark(zoo: Path, per_family: int = 40) -> list[tuple[str, str, str]]:
 
 
 def run_arm(workdir: Path, config_text: str, seed: int, zoo: Path, log: Path, args: list[str]) -> float:
-    """Run one session; its config is the arm's text with the seed and the zoo added."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Run one session in a fresh workdir; its config is the arm's text with the seed and the zoo added."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
     lines = config_text.splitlines()
     first_section = next((i for i, line in enumerate(lines) if line.startswith("[")), len(lines))
     # Top-level keys must come before any [section] in TOML.
@@ -96,14 +98,15 @@ def run_arm(workdir: Path, config_text: str, seed: int, zoo: Path, log: Path, ar
 def measure_run(workdir: Path, judge: Judge, bench: list[tuple[str, str, str]]) -> dict:
     """Per generation: own-pool coverage (as archived) and the team's benchmark coverage."""
     with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
-        metrics = archive.records("select * from generation_metrics order by generation")
+        sid = archive.scalar("select session_id from sessions where status = 'finished' order by started_at desc limit 1")
+        metrics = archive.records("select * from generation_metrics where session_id = ? order by generation", [sid])
         paths = dict(archive.query("select model_id, path from models")[1])
-        final = archive.records("select model_id, path from models where name like 'cycleqd-final%'")
+        final = archive.records("select model_id, path from models where session_id = ? and name like 'cycleqd-final%'", [sid])
         # Up to CHILDREN_MEASURED children per generation (the first by id) answer the benchmark too.
         children = archive.query(
-            "select generation, model_id from models where kind = 'merged' and name like 'g%' "
+            "select generation, model_id from models where session_id = ? and kind = 'merged' and name like 'g%' "
             "and discarded_reason is null qualify row_number() over (partition by generation order by model_id) <= ? "
-            "order by 1, 2", [CHILDREN_MEASURED],
+            "order by 1, 2", [sid, CHILDREN_MEASURED],
         )[1]
         parents_of = {m: p for m, p in archive.query("select model_id, parent_ids from models")[1]}
     solved_cache: dict[str, set[int]] = {}
@@ -147,7 +150,7 @@ def _mean(values: list[float]) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def svg_plot(path: Path, title: str, series: dict[str, list[float]], ylabel: str) -> None:
+def svg_plot(path: Path, title: str, series: dict[str, list[float]], ylabel: str, first: int = 0) -> None:
     """A dependency-free line chart: one polyline per series (mean over seeds) with a legend."""
     width, height, left, right, top, bottom = 560, 320, 56, 150, 30, 40
     values = [v for s in series.values() for v in s]
@@ -172,7 +175,7 @@ def svg_plot(path: Path, title: str, series: dict[str, list[float]], ylabel: str
         parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{100 * v:.0f}</text>')
         parts.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{width - right}" y2="{y(v):.1f}" stroke="#ddd"/>')
     for i in range(n):
-        parts.append(f'<text x="{x(i):.1f}" y="{height - bottom + 14}" text-anchor="middle">{i}</text>')
+        parts.append(f'<text x="{x(i):.1f}" y="{height - bottom + 14}" text-anchor="middle">{i + first}</text>')
     for index, (name, s) in enumerate(series.items()):
         color = colors[index % len(colors)]
         points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(s))
@@ -210,7 +213,15 @@ def summarise(results: dict, out: Path) -> str:
                 lines.append(f"| {arm}: merged elites (one model) | {len(merged)} | {_pct(merged)} | | | | | | | |")
         plot = out / f"{experiment}.svg"
         svg_plot(plot, f"{experiment}: held-out coverage of the greedy team of 3 (mean over seeds)", series, "coverage %")
-        lines += ["", f"![{experiment}]({plot.name})", ""]
+        children = {
+            arm: [statistics.mean(r["generations"][g]["children_bench_mean"] for r in runs.values())
+                  for g in range(1, min(len(r["generations"]) for r in runs.values()))
+                  if all(r["generations"][g].get("children_bench_mean") is not None for r in runs.values())]
+            for arm, runs in arms.items()
+        }
+        child_plot = out / f"{experiment}-children.svg"
+        svg_plot(child_plot, f"{experiment}: mean held-out score of each generation's children", children, "score %", first=1)
+        lines += ["", f"![{experiment}]({plot.name}) ![{experiment} children]({child_plot.name})", ""]
     return "\n".join(lines)
 
 
