@@ -167,3 +167,46 @@ def test_cli_sandbox_run_json_contract(tmp_path: Path, tiny_models: dict) -> Non
     result = json.loads(proc.stdout)
     assert result["verdict"] == "rejected_by_policy" and "os" in result["reason"]
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize(
+    ("mode", "mutation", "selection", "coevolve"),
+    [("acdc", "svd_noise", "dns", True), ("cycleqd", "svd_scale", "map_elites", False)],
+)
+def test_mode_defaults(mode: str, mutation: str, selection: str, coevolve: bool) -> None:
+    config = parse_config({"mode": mode})
+    assert (config.population.mutation, config.population.selection, config.tasks.coevolve) == (
+        mutation, selection, coevolve,
+    )
+    # the resolved config round-trips (a resumed session parses what the archive stored)
+    assert parse_config(json.loads(json.dumps(config.model_dump()))) == config
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"mode": "acdc", "population": {"selection": "map_elites"}}, "map_elites is cycleqd"),
+        ({"mode": "cycleqd", "population": {"selection": "dns"}}, "cycleqd mode selects with map_elites"),
+        ({"mode": "acdc", "tasks": {"writer": "llm"}}, "needs tasks.model"),
+        ({"judge": {"llm": True}}, "needs judge.llm_model"),
+        ({"mode": "acdc", "population": {"gibberish": "llm"}}, "needs judge.llm_model"),
+        ({"mode": "acdc", "population": {"mutation": "svd"}}, "population.mutation"),
+        ({"mode": "evolve"}, "mode"),
+    ],
+)
+def test_invalid_population_configs(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_cli_mode_switch_keeps_explicit_settings(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('mode = "acdc"\n[population]\nmutation = "gaussian"\n')
+    done = coevo("launch", str(path), "--mode", "cycleqd", "--generations", "3", "--print-config")
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["mode"] == "cycleqd"
+    assert printed["population"]["mutation"] == "gaussian"  # the user's choice stays
+    assert printed["population"]["selection"] == "map_elites"  # the mode's default follows the mode
+    assert printed["tasks"]["coevolve"] is False
+    assert printed["population"]["generations"] == 3

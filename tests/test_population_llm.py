@@ -120,7 +120,7 @@ def test_acdc_with_llm_roles(tmp_path: Path, zoo_dir: Path, server: tuple[str, S
     done = subprocess.run([sys.executable, "-m", "coevo", "launch", str(config), "--workdir", str(workdir)],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "Final team" in done.stdout
+    assert "Final team" in done.stdout + done.stderr
     assert all(script.seen[role] > 0 for role in ("writer", "judge", "gibberish", "best_of_n", "solver")), script.seen
     with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
         families = archive.records("select * from task_families order by generation, family_id")
