@@ -337,6 +337,18 @@ _BACKENDS: dict[str, Callable[..., LLMBackend]] = {
 }
 
 
+def make_llm(kind: str, model: str, *, base_url: str = "", api_key: str = "", device: str = "cpu") -> LLMBackend:
+    """A backend from a config's fields: `model` is the served model name for "openai", else
+    a model dir (loaded on `device` by "transformers")."""
+    if kind == "openai":
+        if not base_url:
+            raise BackendError(f"an OpenAI-compatible backend for {model!r} needs a base_url")
+        return make_backend("openai", base_url=base_url, model=model, api_key=api_key or None)
+    if kind == "vllm":
+        return make_backend("vllm", model_dir=Path(model))
+    return make_backend(kind, model_dir=Path(model), device=device)
+
+
 def make_backend(kind: str, **kwargs: Any) -> LLMBackend:
     """Build a backend by kind: "transformers", "openai" or "vllm"; kwargs go to its constructor."""
     try:

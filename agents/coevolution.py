@@ -37,6 +37,7 @@ from typing import Any, TypedDict
 
 from langgraph.graph import END, START, StateGraph
 
+from agents.graph import sandbox_run_row
 from agents.judge import Judge
 from agents.judging import (
     HeuristicGibberishFilter,
@@ -212,7 +213,7 @@ def write_tasks(state: PopulationState, ctx: PopulationContext) -> PopulationSta
     for family in result.added:
         families[family.family_id] = family
     new_tasks = [t for t in ctx.active_tasks() if t[2].family_id in {f.family_id for f in result.added}]
-    paths = dict(ctx.archive.query("select model_id, path from models where model_id in (select unnest(?))", [members])[1])
+    paths = ctx.archive.model_paths(members)
     evaluation_rows = _evaluate(ctx, [(m, Path(paths[m])) for m in members], new_tasks, label="judge (new tasks)")
     with ctx.archive.transaction():
         _add_families(ctx, result.added, g)
@@ -238,7 +239,7 @@ def breed(state: PopulationState, ctx: PopulationContext) -> PopulationState:
     members = population(ctx, g - 1)
     grids = _grids(ctx, g - 1) if ctx.config.mode == "cycleqd" else {}
     quality = cycleqd_quality(g, _skills(ctx), cfg.cyclic) if grids else None
-    paths = dict(ctx.archive.query("select model_id, path from models where model_id in (select unnest(?))", [members])[1])
+    paths = ctx.archive.model_paths(members)
     children: list[dict[str, Any]] = []
     for index in range(cfg.children):
         if grids:
@@ -280,11 +281,7 @@ def breed(state: PopulationState, ctx: PopulationContext) -> PopulationState:
             results += run_many(ctx.runner, chunk, workers=ctx.config.sandbox.workers)
             advance(len(chunk), info=f"{sum(r.verdict == 'ok' for r in results)} ok")
     for child, job, result in zip(runnable, jobs, results, strict=True):
-        runs.append({
-            "run_id": f"{child['algorithm_id']}/run", "algorithm_id": child["algorithm_id"], "runner": result.runner or ctx.runner.name,
-            "verdict": result.verdict, "reason": result.reason, "duration_s": result.duration_s,
-            "peak_memory_mb": result.peak_memory_mb, "stdout": result.stdout, "stderr": result.stderr,
-        })
+        runs.append(sandbox_run_row(child["algorithm_id"], result, ctx.runner))
         if result.verdict == "ok":
             models.append({
                 "model_id": f"{child['algorithm_id']}/model", "session_id": sid, "kind": "merged",
@@ -313,8 +310,8 @@ def evaluate(state: PopulationState, ctx: PopulationContext) -> PopulationState:
     )[1]
     tasks = ctx.active_tasks()
     gibberish = _gibberish_filter(ctx)
-    kept, discards = [], []
-    answers: dict[str, list[str]] = {}
+    discards: list[tuple[str, str]] = []
+    answers: dict[str, list[str]] = {}  # of the children kept
     with progress("children answer", len(children)) as advance:
         for model_id, path in children:
             model_answers = ctx.answers(Path(path), tasks)
@@ -322,7 +319,6 @@ def evaluate(state: PopulationState, ctx: PopulationContext) -> PopulationState:
             if verdict is not None and verdict.broken:
                 discards.append((model_id, f"gibberish ({gibberish.name}): {verdict.reason}"))  # type: ignore[union-attr]
             else:
-                kept.append(model_id)
                 answers[model_id] = model_answers
             advance(info=f"{len(discards)} discarded")
     evaluation_rows = _score(ctx, answers, tasks)
@@ -682,7 +678,7 @@ def _merge_elites(ctx: PopulationContext, generation: int) -> None:
     elites = sorted(best)
     exps = [math.exp(best[m]) for m in elites]
     weights = [e / sum(exps) for e in exps]
-    paths = dict(ctx.archive.query("select model_id, path from models where model_id in (select unnest(?))", [elites])[1])
+    paths = ctx.archive.model_paths(elites)
     algorithm_id = f"{sid}/final"
     code = crossover_program(weights)
     out_dir = ctx.model_dir(f"{algorithm_id}/model")
@@ -696,11 +692,7 @@ def _merge_elites(ctx: PopulationContext, generation: int) -> None:
             "prompt_hash": prompt_hash(operator_text), "temperature": 0.0, "code": code, "code_hash": prompt_hash(code),
             "normalized_hash": code_hash(code), "policy_ok": True, "exemplar_ids": [],
         }])
-        ctx.archive.add_sandbox_runs([{
-            "run_id": f"{algorithm_id}/run", "algorithm_id": algorithm_id, "runner": result.runner or ctx.runner.name,
-            "verdict": result.verdict, "reason": result.reason, "duration_s": result.duration_s,
-            "peak_memory_mb": result.peak_memory_mb, "stdout": result.stdout, "stderr": result.stderr,
-        }])
+        ctx.archive.add_sandbox_runs([sandbox_run_row(algorithm_id, result, ctx.runner)])
         if result.verdict == "ok":
             ctx.archive.add_models([{
                 "model_id": model_id, "session_id": sid, "kind": "merged", "name": "cycleqd-final (merged elites)",

@@ -32,7 +32,7 @@ from coevo.prompts import FENCE, Prompt, completion_text, extract_program, forma
 from coevo.tasks import Task
 from coevo.ui import percent, progress, say
 from sandbox.policy import check_program, code_hash
-from sandbox.runner import MergeJob, Runner, run_many
+from sandbox.runner import MergeJob, Runner, SandboxResult, run_many
 
 BASELINE_METHODS = ("task_arithmetic", "ties")
 
@@ -222,11 +222,7 @@ def execute(state: SessionState, ctx: SessionContext) -> SessionState:
             ]
             results = run_many(ctx.runner, jobs, workers=workers)
             for algorithm_id, job, result in zip(chunk, jobs, results, strict=True):
-                runs.append({
-                    "run_id": f"{algorithm_id}/run", "algorithm_id": algorithm_id, "runner": result.runner or ctx.runner.name,
-                    "verdict": result.verdict, "reason": result.reason, "duration_s": result.duration_s,
-                    "peak_memory_mb": result.peak_memory_mb, "stdout": result.stdout, "stderr": result.stderr,
-                })
+                runs.append(sandbox_run_row(algorithm_id, result, ctx.runner))
                 if result.verdict == "ok":
                     ok += 1
                     models.append({
@@ -336,7 +332,7 @@ def report(state: SessionState, ctx: SessionContext) -> SessionState:
     top = ctx.archive.top_algorithms(ctx.session_id, ctx.config.report.top_k)
     test = ctx.split("test")
     ids = [f"{a['algorithm_id']}/model" for a in top]
-    paths = dict(ctx.archive.query("select model_id, path from models where model_id in (select unnest(?))", [ids])[1]) if ids else {}
+    paths = ctx.archive.model_paths(ids)
     scored_ids = {r[0] for r in ctx.archive.query(
         "select distinct e.model_id from evaluations e join tasks t using (task_id) "
         "where t.split = 'test' and e.model_id in (select unnest(?))", [ids])[1]} if ids else set()
@@ -374,6 +370,15 @@ def build_graph(ctx: SessionContext, checkpointer: Any) -> Any:
     graph.add_conditional_edges("improve", functools.partial(_after_improve, ctx=ctx), ["propose", "report"])
     graph.add_edge("report", END)
     return graph.compile(checkpointer=checkpointer)
+
+
+def sandbox_run_row(algorithm_id: str, result: SandboxResult, runner: Runner) -> dict[str, Any]:
+    """The archive row of an algorithm's sandbox run (`<algorithm_id>/run`)."""
+    return {
+        "run_id": f"{algorithm_id}/run", "algorithm_id": algorithm_id, "runner": result.runner or runner.name,
+        "verdict": result.verdict, "reason": result.reason, "duration_s": result.duration_s,
+        "peak_memory_mb": result.peak_memory_mb, "stdout": result.stdout, "stderr": result.stderr,
+    }
 
 
 def _evaluation_rows(ctx: SessionContext, model_id: str, tasks: list[Task], scored: list[Any]) -> list[dict]:

@@ -629,6 +629,14 @@ class Archive:
         params.append(k)
         return self.records(sql, params)
 
+    def model_paths(self, model_ids: list[str]) -> dict[str, str]:
+        """model id -> where its weights are, for the given models that exist."""
+        if not model_ids:
+            return {}
+        return dict(self.query(
+            "SELECT model_id, path FROM models WHERE model_id IN (SELECT unnest(?))", [model_ids]
+        )[1])
+
     def existing_ids(self, table: str, id_column: str, ids: list[str]) -> set[str]:
         """Which of `ids` are already in `table.id_column` (resume skips those)."""
         if table not in self._columns or id_column not in self._columns[table]:

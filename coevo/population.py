@@ -8,7 +8,7 @@ from typing import Any
 
 from langgraph.checkpoint.sqlite import SqliteSaver
 
-from agents.backends import make_backend
+from agents.backends import make_llm
 from agents.coevolution import (
     PopulationContext,
     build_population_graph,
@@ -24,23 +24,13 @@ from coevo.ui import say
 from sandbox.runner import Runner
 
 
-def _llm(backend: str, model: str, base_url: str, api_key: str, device: str = "cpu") -> Any:
-    if backend == "openai":
-        if not base_url:
-            raise ConfigError(f"an OpenAI-compatible backend for {model!r} needs a base_url")
-        return make_backend("openai", base_url=base_url, model=model, api_key=api_key or None)
-    if backend == "vllm":
-        return make_backend("vllm", model_dir=Path(model))
-    return make_backend("transformers", model_dir=Path(model), device=device)
-
-
 def make_writer(config: Config, session_id: str) -> TaskWriter:
     """The task writer the config asks for: procedural (embedded zoo) or an LLM, seeded with
     the user's task set (`models.tasks`, one family per skill) when there is one."""
     cfg = config.tasks
     prompts_dir = Path(cfg.prompts_dir) if cfg.prompts_dir else None
     if cfg.writer == "llm":
-        backend = _llm(cfg.backend, cfg.model, cfg.base_url, cfg.api_key, cfg.device)
+        backend = make_llm(cfg.backend, cfg.model, base_url=cfg.base_url, api_key=cfg.api_key, device=cfg.device)
         seeds = None
         if config.models.tasks:
             tasks = [t for t in load_tasks(Path(config.models.tasks)) if t.split == "dev"]
@@ -85,7 +75,7 @@ def run_population(
     judge_llm = None
     if config.judge.llm_model:
         j = config.judge
-        judge_llm = lambda: _llm(j.llm_backend, j.llm_model, j.llm_base_url, j.llm_api_key, j.device)  # noqa: E731
+        judge_llm = lambda: make_llm(j.llm_backend, j.llm_model, base_url=j.llm_base_url, api_key=j.llm_api_key, device=j.device)  # noqa: E731
     if not resume:
         with archive.transaction():
             archive.add_session(session_id, config.mode, config.seed, config.model_dump())

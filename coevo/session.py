@@ -12,7 +12,7 @@ from pathlib import Path
 
 from langgraph.checkpoint.sqlite import SqliteSaver
 
-from agents.backends import make_backend
+from agents.backends import make_llm
 from agents.graph import SessionContext, build_graph
 from archive_store import Archive
 from coevo.config import Config, ConfigError, parse_config
@@ -46,10 +46,9 @@ def _backend_factory(config: Config):
     if g.backend == "openai":
         if not g.base_url or not g.model:
             raise ConfigError("generator.backend = 'openai' needs generator.base_url and generator.model")
-        return lambda path: make_backend("openai", base_url=g.base_url, model=g.model, api_key=g.api_key or None)
-    if g.backend == "vllm":
-        return lambda path: make_backend("vllm", model_dir=path)
-    return lambda path: make_backend("transformers", model_dir=path, device=g.device)
+        return lambda path: make_llm("openai", g.model, base_url=g.base_url, api_key=g.api_key)
+    # A local generator is loaded from its current version's dir (DPO writes new ones).
+    return lambda path: make_llm(g.backend, str(path), device=g.device)
 
 
 def run_session(config: Config | None, workdir: Path, *, resume: bool = False) -> str:

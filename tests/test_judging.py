@@ -3,17 +3,16 @@ local OpenAI-compatible HTTP server with scripted replies, and the gibberish fil
 
 from __future__ import annotations
 
-import json
 import shutil
-import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from openai_stub import completions_server
 
 from agents.backends import OpenAIBackend
 from agents.judging import (
@@ -184,67 +183,31 @@ class Script:
 
     replies: dict[str, str]
     default: str = "I cannot tell."
-    prompts: list[str] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [request["prompt"] for request in self.requests]
 
     def reply(self, prompt: str) -> str:
         return next((text for key, text in self.replies.items() if key in prompt), self.default)
 
 
-def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with script.lock:
-                script.requests.append(request)
-                script.prompts.append(request["prompt"])
-            if self.path != "/v1/completions":
-                status, body = 404, {"error": {"message": f"no route {self.path}"}}
-            else:
-                text = script.reply(request["prompt"])
-                choices = [
-                    {"index": i, "text": text, "logprobs": None, "finish_reason": "stop"}
-                    for i in range(int(request.get("n", 1)))
-                ]
-                status = 200
-                body = {"id": "cmpl-judge", "object": "text_completion", "choices": choices}
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    return Handler
-
-
 @pytest.fixture()
 def serve() -> Iterator[Any]:
     """`serve(replies)` -> (an OpenAIBackend on a live local server, the server's Script)."""
-    servers: list[ThreadingHTTPServer] = []
-    backends: list[OpenAIBackend] = []
+    with ExitStack() as stack:
 
-    def start(
-        replies: dict[str, str], default: str = "I cannot tell."
-    ) -> tuple[OpenAIBackend, Script]:
-        script = Script(replies, default)
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        servers.append(httpd)
-        backend = OpenAIBackend(f"http://127.0.0.1:{httpd.server_address[1]}/v1", "judge-llm")
-        backends.append(backend)
-        return backend, script
+        def start(
+            replies: dict[str, str], default: str = "I cannot tell."
+        ) -> tuple[OpenAIBackend, Script]:
+            script = Script(replies, default)
+            url = stack.enter_context(completions_server(script.reply, requests=script.requests))
+            backend = OpenAIBackend(url, "judge-llm")
+            stack.callback(backend.close)
+            return backend, script
 
-    yield start
-    for backend in backends:
-        backend.close()
-    for httpd in servers:
-        httpd.shutdown()
-        httpd.server_close()
+        yield start
 
 
 def test_llm_judge_scores_a_batch(serve: Any) -> None:

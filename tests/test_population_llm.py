@@ -9,14 +9,12 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
+from openai_stub import completions_server
 
 from archive_store import Archive
 
@@ -75,35 +73,8 @@ class Scripted:
 @pytest.fixture()
 def server() -> Iterator[tuple[str, Scripted]]:
     script = Scripted()
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompts = request["prompt"] if isinstance(request["prompt"], list) else [request["prompt"]]
-            n = int(request.get("n", 1))
-            choices = [
-                {"index": i * n + j, "text": script.reply(p), "logprobs": None, "finish_reason": "stop"}
-                for i, p in enumerate(prompts) for j in range(n)
-            ]
-            body = json.dumps({"id": "x", "object": "text_completion", "created": int(time.time()),
-                               "model": request["model"], "choices": choices}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", script
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with completions_server(script.reply) as url:
+        yield url, script
 
 
 def test_acdc_with_llm_roles(tmp_path: Path, zoo_dir: Path, server: tuple[str, Scripted]) -> None:

@@ -9,14 +9,13 @@ import json
 import random
 import re
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from openai_stub import completions_server
 
 from agents.backends import OpenAIBackend
 from agents.novelty import (
@@ -438,49 +437,15 @@ class Script:
         return [p for p in self.prompts if p.startswith(start)]
 
 
-def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            n = int(request.get("n", 1))
-            texts = [script.reply(request["prompt"]) for _ in range(n)]
-            body = json.dumps(
-                {
-                    "id": "cmpl-script",
-                    "object": "text_completion",
-                    "created": int(time.time()),
-                    "model": request["model"],
-                    "choices": [
-                        {"index": i, "text": t, "logprobs": None, "finish_reason": "stop"}
-                        for i, t in enumerate(texts)
-                    ],
-                }
-            ).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    return Handler
-
-
 @pytest.fixture()
 def server() -> Iterator[tuple[OpenAIBackend, Script]]:
     script = Script()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    backend = OpenAIBackend(f"http://127.0.0.1:{httpd.server_address[1]}/v1", "writer")
-    try:
-        yield backend, script
-    finally:
-        backend.close()
-        httpd.shutdown()
-        httpd.server_close()
+    with completions_server(script.reply) as url:
+        backend = OpenAIBackend(url, "writer")
+        try:
+            yield backend, script
+        finally:
+            backend.close()
 
 
 DOUBLE = {
