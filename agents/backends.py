@@ -1,4 +1,5 @@
-"""LLM backends for the generator and task-writer roles.
+"""LLM backends for every LLM role (generator, task writer, judge); `make_llm` builds one
+from the role's `LLMConfig`.
 
 One small protocol, three real implementations: a Hugging Face model in-process (CPU or one
 GPU; the embedded default), an OpenAI-compatible HTTP server (e.g. `vllm serve`), and vLLM
@@ -19,6 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from agents.config import LLMConfig
 
 RETRY_TRIES = 3
 RETRY_BACKOFF_S = 0.5
@@ -337,16 +340,18 @@ _BACKENDS: dict[str, Callable[..., LLMBackend]] = {
 }
 
 
-def make_llm(kind: str, model: str, *, base_url: str = "", api_key: str = "", device: str = "cpu") -> LLMBackend:
-    """A backend from a config's fields: `model` is the served model name for "openai", else
-    a model dir (loaded on `device` by "transformers")."""
-    if kind == "openai":
-        if not base_url:
-            raise BackendError(f"an OpenAI-compatible backend for {model!r} needs a base_url")
-        return make_backend("openai", base_url=base_url, model=model, api_key=api_key or None)
-    if kind == "vllm":
-        return make_backend("vllm", model_dir=Path(model))
-    return make_backend(kind, model_dir=Path(model), device=device)
+def make_llm(config: LLMConfig, model: str | None = None) -> LLMBackend:
+    """The backend an LLM role's config describes; `model` overrides `config.model` (a local
+    generator is loaded from its current version's dir). For "openai" the model is the served
+    name, otherwise a model dir (loaded on `config.device` by "transformers")."""
+    name = config.model if model is None else model
+    if config.backend == "openai":
+        if not config.base_url:
+            raise BackendError(f"an OpenAI-compatible backend for {name!r} needs a base_url")
+        return make_backend("openai", base_url=config.base_url, model=name, api_key=config.api_key or None)
+    if config.backend == "vllm":
+        return make_backend("vllm", model_dir=Path(name))
+    return make_backend("transformers", model_dir=Path(name), device=config.device)
 
 
 def make_backend(kind: str, **kwargs: Any) -> LLMBackend:

@@ -23,38 +23,14 @@ import datasets
 import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig as TRLDPOConfig
+from trl import DPOTrainer
+
+from agents.config import DPOConfig
 
 log = logging.getLogger(__name__)
 
 SCORED_KEYS = ("algorithm_id", "prompt", "completion", "score")
-
-
-@dataclass
-class DPOSettings:
-    """How one DPO update of the generator is trained."""
-
-    beta: float = 0.1
-    learning_rate: float = 5e-5
-    epochs: int = 2
-    batch_size: int = 8
-    # 0 = full fine-tune; otherwise LoRA of this rank (alpha = 2 * rank), merged before saving.
-    lora_rank: int = 0
-    max_length: int = 512
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"DPO beta must be > 0, got {self.beta}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"DPO learning_rate must be > 0, got {self.learning_rate}")
-        if self.epochs < 1 or self.batch_size < 1 or self.max_length < 2:
-            raise ValueError(
-                f"DPO needs epochs >= 1, batch_size >= 1, max_length >= 2; got epochs="
-                f"{self.epochs}, batch_size={self.batch_size}, max_length={self.max_length}"
-            )
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tune), got {self.lora_rank}")
 
 
 @dataclass(frozen=True)
@@ -152,10 +128,11 @@ def _last_logged(history: list[dict[str, Any]], key: str) -> float | None:
 
 
 def train_dpo(
-    model_dir: Path, pairs: list[dict[str, Any]], out_dir: Path, settings: DPOSettings
+    model_dir: Path, pairs: list[dict[str, Any]], out_dir: Path, settings: DPOConfig, *, seed: int = 0
 ) -> DPOResult:
     """Train the model in `model_dir` on `pairs` with DPO and save it as a plain HF model dir.
 
+    `settings.lora_rank` 0 is a full fine-tune; otherwise LoRA of that rank (alpha = 2 * rank).
     Full fine-tuning keeps a frozen copy of the start model as the DPO reference (TRL loads it
     from `model_dir`); LoRA uses the adapter-disabled model as reference and the adapter is
     merged into the weights before saving. `out_dir` appears only once it is complete.
@@ -200,7 +177,7 @@ def train_dpo(
             warnings.filterwarnings(
                 "ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning
             )
-            args = DPOConfig(
+            args = TRLDPOConfig(
                 output_dir=scratch,
                 use_cpu=not on_gpu,
                 # TRL defaults bf16 to True; on CPU that autocasts a float32 model to bf16.
@@ -212,8 +189,8 @@ def train_dpo(
                 learning_rate=settings.learning_rate,
                 beta=settings.beta,
                 max_length=settings.max_length,
-                seed=settings.seed,
-                data_seed=settings.seed,
+                seed=seed,
+                data_seed=seed,
                 report_to=[],
                 save_strategy="no",
                 logging_steps=1,

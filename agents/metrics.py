@@ -116,3 +116,20 @@ def best_of_n(
             )
         chosen[task_id] = candidates[index]
     return chosen
+
+
+def best_of_n_score(
+    answers: Mapping[str, Mapping[str, str]],
+    team: Sequence[str],
+    scores: Mapping[str, Mapping[str, float]],
+    tasks: Sequence[str],
+    pick: Callable[[str, list[str]], int] | None = None,
+) -> float:
+    """Mean score of the team's best-of-N answers over `tasks` (0..1): the picked answer scores
+    what the team member who wrote it scored on the task (scores[model_id][task_id])."""
+    chosen = best_of_n(answers, team, pick)
+    best = [
+        max((scores[m][t] for m in team if t in chosen and answers[m].get(t, "").strip() == chosen[t].strip()), default=0.0)
+        for t in tasks
+    ]
+    return sum(best) / max(1, len(best))

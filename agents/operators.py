@@ -20,6 +20,10 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from agents.config import PopulationConfig
+from merging import contract
 
 MUTATION_KINDS = ("svd_noise", "svd_scale", "gaussian", "none")
 
@@ -32,6 +36,9 @@ SEED_MULTIPLIER = 1_000_003
 # AC/DC and CycleQD breed from one draw per parent; a draw whose sum is near zero would blow
 # the normalised weights up, so it is redrawn. Past this many draws the parameters are unusable.
 MAX_CROSSOVER_DRAWS = 1000
+# Generated algorithms are drawn "by score": softmax over dev scores (in [0, 1]) at this
+# temperature, so a 10-point better algorithm is drawn e times more often (CycleQD).
+ALGORITHM_SAMPLING_TEMPERATURE = 0.1
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,7 @@ import torch
 WEIGHTS = {literal}
 
 
-def merge(task_vectors, *, name, base):
+{contract.SIGNATURE}:
     if len(task_vectors) != len(WEIGHTS):
         raise ValueError(
             "crossover has " + str(len(WEIGHTS)) + " weights but got "
@@ -166,7 +173,7 @@ def child_program(crossover_source: str, mutation: Mutation | None) -> str:
     crossover_name = _fresh("crossover_step", taken)
     mutate_name = _fresh("mutate", taken)
     for node in ast.walk(tree):
-        _rename(node, "merge", crossover_name)
+        _rename(node, contract.FUNCTION, crossover_name)
     mutate_source = _mutation_source(mutation, mutate_name)
     assert mutate_source is not None
     return f'''{ast.unparse(tree)}
@@ -174,7 +181,7 @@ def child_program(crossover_source: str, mutation: Mutation | None) -> str:
 
 {mutate_source}
 
-def merge(task_vectors, *, name, base):
+{contract.SIGNATURE}:
     """The child: the crossover's merged task vector, mutated."""
     merged = {crossover_name}(task_vectors, name=name, base=base)
     return {mutate_name}(merged, name=name, base=base)
@@ -190,25 +197,20 @@ def _parse_crossover(source: str) -> ast.Module:
         raise ValueError(
             f"crossover source does not parse: {getattr(err, 'msg', err)}{where}"
         ) from None
-    merges = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "merge"]
+    merges = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == contract.FUNCTION]
     if len(merges) != 1:
         found = "no" if not merges else f"{len(merges)}"
-        raise ValueError(
-            f"crossover source has {found} top-level 'def merge(task_vectors, *, name, base)'"
-        )
+        raise ValueError(f"crossover source has {found} top-level '{contract.SIGNATURE}'")
     # Renamed, the crossover's merge escapes the policy's contract check; a wrong signature
     # would otherwise surface as a runtime TypeError in the child.
     args = merges[0].args
     if (
-        len(args.posonlyargs + args.args) != 1
-        or {a.arg for a in args.kwonlyargs} != {"name", "base"}
+        len(args.posonlyargs + args.args) != len(contract.POSITIONAL)
+        or {a.arg for a in args.kwonlyargs} != set(contract.KEYWORD_ONLY)
         or args.vararg is not None
         or args.kwarg is not None
     ):
-        raise ValueError(
-            f"crossover merge (line {merges[0].lineno}) must be "
-            "'def merge(task_vectors, *, name, base)'"
-        )
+        raise ValueError(f"crossover merge (line {merges[0].lineno}) must be '{contract.SIGNATURE}'")
     return tree
 
 
@@ -335,3 +337,32 @@ _GAUSSIAN = """    # Population std (correction=0): a one-element tensor has std
     noise = torch.randn(merged.shape, generator=generator)
     return merged + noise.to(device=merged.device, dtype=merged.dtype) * ({gauss_sigma} * std)
 """
+
+
+def describe_operators(mode: str, p: PopulationConfig) -> str:
+    """What bred a generation's children, archived as the children's 'prompt' (by hash)."""
+    return (f"{mode} operators: crossover={p.crossover}"
+            + (f"(mu={p.crossover_mu}, sigma={p.crossover_sigma})" if p.crossover == "paper" else f"({p.algorithm})")
+            + f", mutation={p.mutation}(top_k={p.svd_top_k}, sigma={p.svd_sigma}, w_max={p.w_max}, gauss_sigma={p.gauss_sigma})"
+            + f", parents={p.parents}")
+
+
+def describe_mutation(mutation: Mutation) -> str:
+    """A mutation as the archive records it (`models.mutation`)."""
+    if mutation.kind == "svd_noise":
+        return f"svd_noise(top_k={mutation.top_k}, sigma={mutation.sigma}, seed={mutation.seed})"
+    if mutation.kind == "svd_scale":
+        return f"svd_scale(w_max={mutation.w_max}, seed={mutation.seed})"
+    if mutation.kind == "gaussian":
+        return f"gaussian(sigma={mutation.gauss_sigma}, seed={mutation.seed})"
+    return "none"
+
+
+def pick_algorithm(algorithms: list[dict[str, Any]], how: str, rng: random.Random) -> dict[str, Any]:
+    """A generated merge algorithm to use as crossover (rows with `dev_score`, best first): the
+    best, or one sampled by softmax of dev score."""
+    if how == "best":
+        return algorithms[0]
+    top = max(a["dev_score"] for a in algorithms)
+    weights = [math.exp((a["dev_score"] - top) / ALGORITHM_SAMPLING_TEMPERATURE) for a in algorithms]
+    return rng.choices(algorithms, weights=weights, k=1)[0]

@@ -1,10 +1,12 @@
-"""`coevo sql`: run SQL against an archive and format the result for a terminal or a file."""
+"""`coevo sql`: run SQL against an archive and format the result for a terminal or a file,
+one statement at a time (`run_sql`) or in an interactive shell (`repl`)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import sys
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -12,7 +14,8 @@ from typing import Any
 
 import duckdb
 
-from archive_store.store import Archive, ArchiveError
+from archive_store.db import ArchiveError
+from archive_store.store import Archive
 
 FORMATS = ("table", "csv", "json", "markdown", "parquet")
 _CHANGES = (duckdb.StatementType.INSERT, duckdb.StatementType.UPDATE, duckdb.StatementType.DELETE)
@@ -205,3 +208,71 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | dict | tuple):
         return json.dumps(value, default=str)
     return value if isinstance(value, str | int | float | bool) else str(value)
+
+
+def repl(archive_path: Path, *, fmt: str = "table", write: bool = False, out: Path | None = None) -> int:
+    """The interactive `coevo sql` shell: statements end with ';' and may span lines; history
+    is kept in ~/.cache/coevo/sql_history; `.tables .views .schema [NAME] .help .quit`."""
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - readline is missing on some platforms
+        readline = None  # type: ignore[assignment]
+    history = Path.home() / ".cache" / "coevo" / "sql_history"
+    if readline is not None:
+        try:
+            readline.read_history_file(history)
+        except OSError:
+            pass
+    print(f"coevo sql on {archive_path} ({'read-write' if write else 'read-only'}); statements end with ';' "
+          "and may span lines; .tables .views .schema [NAME] .help .quit")
+    buffer: list[str] = []
+    try:
+        while True:
+            try:
+                line = input("   ...> " if buffer else "coevo> ")
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                print()
+                buffer = []
+                continue
+            if not buffer and line.strip().startswith("."):
+                if _dot_command(archive_path, line.strip()):
+                    return 0
+                continue
+            buffer.append(line)
+            if line.rstrip().endswith(";"):
+                try:
+                    print(run_sql(archive_path, "\n".join(buffer), fmt=fmt, write=write, out=out))
+                except ArchiveError as err:
+                    print(f"error: {err}", file=sys.stderr)
+                buffer = []
+    finally:
+        if readline is not None:
+            try:
+                history.parent.mkdir(parents=True, exist_ok=True)
+                readline.set_history_length(2000)
+                readline.write_history_file(history)
+            except OSError:
+                pass
+
+
+def _dot_command(archive_path: Path, line: str) -> bool:
+    """Run one shell command (`.tables` ...); True when the shell should exit."""
+    command, _, name = line.partition(" ")
+    try:
+        if command in (".quit", ".exit"):
+            return True
+        if command == ".tables":
+            print(tables_and_views(archive_path))
+        elif command == ".views":
+            print(tables_and_views(archive_path, kind="view"))
+        elif command == ".schema":
+            print(schema_of(archive_path, name.strip() or None))
+        else:
+            print(".tables     tables and views with their columns\n.views      views only\n"
+                  ".schema [N] the SQL defining table or view N (all without N)\n.quit       leave")
+    except ArchiveError as err:
+        print(f"error: {err}", file=sys.stderr)
+    return False

@@ -1,7 +1,7 @@
 """The coevo archive: one DuckDB file, one writer process, written in batches.
 
 The schema lives in `schema/NNN_*.sql`; `Archive.open` applies the migrations the file has
-not seen yet and records each in `schema_version`. Writers hand over `list[dict]` rows; each
+not seen yet (`archive_store.db`) and records each in `schema_version`. Writers hand over `list[dict]` rows; each
 batch becomes one pyarrow table and one `INSERT OR IGNORE … SELECT`, so replaying a batch on
 resume is harmless and 50k evaluation rows cost one statement, not 50k.
 
@@ -16,162 +16,39 @@ step old. Only an archive without a snapshot (never closed by a writer) is read 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-import operator
 import os
-import re
 import shutil
 import signal
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 
 import duckdb
-import pyarrow as pa
 
-_ARROW_TYPES: dict[str, pa.DataType] = {
-    "VARCHAR": pa.string(),
-    "JSON": pa.string(),
-    "INTEGER": pa.int32(),
-    "BIGINT": pa.int64(),
-    "DOUBLE": pa.float64(),
-    "BOOLEAN": pa.bool_(),
-    "TIMESTAMP": pa.timestamp("us"),
-    "VARCHAR[]": pa.list_(pa.string()),
-}
+from archive_store import summaries
+from archive_store.batches import batch_insert
+from archive_store.db import (
+    SCHEMA_VERSION,
+    ArchiveError,
+    connect,
+    migrate,
+    one_line,
+    prompt_hash,
+    quote,
+    schema_version,
+    sql_path,
+)
+from archive_store.reader import ArchiveReader
+
 _batch_names = itertools.count()
 
 
-class ArchiveError(Exception):
-    """An archive problem a user can act on; `str()` is one line."""
-
-
-def one_line(message: str) -> str:
-    """Squash a DuckDB error message to one line, dropping its caret-pointer lines."""
-    lines = [line.strip() for line in message.splitlines()]
-    kept = [line for line in lines if line and set(line) != {"^"}]
-    return " | ".join(kept)
-
-
-def prompt_hash(text: str) -> str:
-    """The id of a prompt text: the first 16 hex chars of its sha256."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def migrations() -> list[tuple[int, str, str]]:
-    """The shipped migrations as (version, file name, sql), in version order."""
-    found = []
-    for entry in resources.files("archive_store").joinpath("schema").iterdir():
-        match = re.fullmatch(r"(\d+)_\w+\.sql", entry.name)
-        if match:
-            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    found.sort()
-    versions = [version for version, _, _ in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise ArchiveError(f"archive migrations must be numbered 1..n without gaps, got {versions}")
-    return found
-
-
-SCHEMA_VERSION = len(migrations())
-# Summary tables: derived from `evaluations` / `sandbox_runs`, kept by `add_evaluations` /
-# `add_sandbox_runs` in the writer's transaction, rebuilt after imports, never exported.
-SUMMARY_TABLES = ("model_scores", "task_scores", "generation_task_scores", "model_family_scores", "latest_runs")
-# Adds the sandbox runs in the registered relation `{new}` to `latest_runs`.
-_ADD_RUNS_TO_SUMMARIES = """
-INSERT INTO latest_runs
-SELECT algorithm_id,
-       arg_max(run_id, (created_at, run_id)), arg_max(verdict, (created_at, run_id)),
-       arg_max(duration_s, (created_at, run_id)), arg_max(peak_memory_mb, (created_at, run_id)),
-       max(created_at)
-FROM {new}
-GROUP BY algorithm_id
-ON CONFLICT (algorithm_id) DO UPDATE SET
-    run_id = excluded.run_id, verdict = excluded.verdict, duration_s = excluded.duration_s,
-    peak_memory_mb = excluded.peak_memory_mb, created_at = excluded.created_at
-WHERE excluded.created_at > latest_runs.created_at
-   OR (excluded.created_at = latest_runs.created_at AND excluded.run_id >= latest_runs.run_id);
-"""
-# Recounts the evaluation summaries of the models, tasks and generations that the registered
-# batch `{batch}` touches, from all their evaluations (after a partly replayed batch).
-_RECOUNT_SUMMARIES = """
-CREATE OR REPLACE TEMP TABLE _touched AS
-SELECT DISTINCT e.model_id, e.task_id, e.judge FROM {batch} e;
-CREATE OR REPLACE TEMP TABLE _touched_generations AS
-SELECT DISTINCT m.session_id, m.generation
-FROM _touched t JOIN models m ON m.model_id = t.model_id
-WHERE m.generation IS NOT NULL;
-DELETE FROM model_scores WHERE model_id IN (SELECT model_id FROM _touched);
-DELETE FROM model_family_scores WHERE model_id IN (SELECT model_id FROM _touched);
-DELETE FROM task_scores WHERE task_id IN (SELECT task_id FROM _touched);
-DELETE FROM generation_task_scores g USING _touched_generations t
-WHERE g.session_id = t.session_id AND g.generation = t.generation;
-INSERT INTO model_scores
-SELECT e.model_id, t.split, e.judge, count(*), sum(e.score), count(*) FILTER (WHERE e.score >= 1)
-FROM evaluations e JOIN tasks t ON t.task_id = e.task_id
-WHERE e.model_id IN (SELECT model_id FROM _touched)
-GROUP BY ALL;
-INSERT INTO task_scores
-SELECT e.task_id, e.judge, count(*), sum(e.score), count(*) FILTER (WHERE e.score >= 1)
-FROM evaluations e
-WHERE e.task_id IN (SELECT task_id FROM _touched)
-GROUP BY ALL;
-INSERT INTO model_family_scores
-SELECT e.model_id, t.family_id, e.judge, count(*), sum(e.score), count(*) FILTER (WHERE e.score >= 1)
-FROM evaluations e JOIN tasks t ON t.task_id = e.task_id
-WHERE e.model_id IN (SELECT model_id FROM _touched) AND t.family_id IS NOT NULL
-GROUP BY ALL;
-INSERT INTO generation_task_scores
-SELECT m.session_id, m.generation, e.task_id, e.judge, count(*), max(e.score)
-FROM evaluations e JOIN models m ON m.model_id = e.model_id
-JOIN _touched_generations t ON t.session_id = m.session_id AND t.generation = m.generation
-GROUP BY ALL;
-DROP TABLE _touched;
-DROP TABLE _touched_generations;
-"""
-# Adds the evaluations in the registered relation `{new}` to the summary tables.
-_ADD_TO_SUMMARIES = """
-INSERT INTO model_scores
-SELECT e.model_id, t.split, e.judge, count(*), sum(e.score), count(*) FILTER (WHERE e.score >= 1)
-FROM {new} e JOIN tasks t ON t.task_id = e.task_id
-GROUP BY ALL
-ON CONFLICT (model_id, split, judge) DO UPDATE SET
-    n_tasks = model_scores.n_tasks + excluded.n_tasks,
-    sum_score = model_scores.sum_score + excluded.sum_score,
-    n_solved = model_scores.n_solved + excluded.n_solved;
-INSERT INTO task_scores
-SELECT e.task_id, e.judge, count(*), sum(e.score), count(*) FILTER (WHERE e.score >= 1)
-FROM {new} e
-GROUP BY ALL
-ON CONFLICT (task_id, judge) DO UPDATE SET
-    n_models = task_scores.n_models + excluded.n_models,
-    sum_score = task_scores.sum_score + excluded.sum_score,
-    n_solved = task_scores.n_solved + excluded.n_solved;
-INSERT INTO generation_task_scores
-SELECT m.session_id, m.generation, e.task_id, e.judge, count(*), max(e.score)
-FROM {new} e JOIN models m ON m.model_id = e.model_id
-WHERE m.generation IS NOT NULL
-GROUP BY ALL
-ON CONFLICT (session_id, generation, task_id, judge) DO UPDATE SET
-    n_models = generation_task_scores.n_models + excluded.n_models,
-    best_score = greatest(generation_task_scores.best_score, excluded.best_score);
-INSERT INTO model_family_scores
-SELECT e.model_id, t.family_id, e.judge, count(*), sum(e.score), count(*) FILTER (WHERE e.score >= 1)
-FROM {new} e JOIN tasks t ON t.task_id = e.task_id
-WHERE t.family_id IS NOT NULL
-GROUP BY ALL
-ON CONFLICT (model_id, family_id, judge) DO UPDATE SET
-    n_tasks = model_family_scores.n_tasks + excluded.n_tasks,
-    sum_score = model_family_scores.sum_score + excluded.sum_score,
-    n_solved = model_family_scores.n_solved + excluded.n_solved;
-"""
 # The named views users rely on (documented in the README, timed in bench/archive_scale.py).
 VIEWS = (
     "algorithm_scores",
@@ -186,6 +63,7 @@ VIEWS = (
 # Views over what only the population modes (acdc, cycleqd) write.
 POPULATION_VIEWS = ("skill_vectors", "task_pool")
 SNAPSHOT_SUFFIX = ".snapshot"
+# A reader of an archive without a snapshot holds the file for a moment: a writer waits this long.
 WRITER_LOCK_WAIT_S = 10.0
 # Fault injection for the crash tests: "TABLE:N" SIGKILLs this process inside the transaction
 # of the N-th write to TABLE, after the rows went in and before the commit.
@@ -197,59 +75,14 @@ def snapshot_path(path: Path) -> Path:
     """Where readers find the published copy of the archive at `path`."""
     return Path(path).with_name(Path(path).name + SNAPSHOT_SUFFIX)
 
-_BOOTSTRAP = """
-CREATE TABLE IF NOT EXISTS schema_version (
-    version     INTEGER PRIMARY KEY,
-    name        TEXT NOT NULL,
-    applied_at  TIMESTAMP NOT NULL DEFAULT (now() AT TIME ZONE 'UTC')
-)
-"""
 
-
-def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-    """Open the DuckDB file, turning DuckDB's IO errors into messages a user can act on."""
-    if read_only and not path.exists():
-        raise ArchiveError(f"no archive at {path}: check the path, or run a session first")
-    if not read_only:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    # A reader of an archive without a snapshot holds the file for a moment: a writer waits.
-    deadline = time.monotonic() + (0 if read_only else WRITER_LOCK_WAIT_S)
-    while True:
-        try:
-            return duckdb.connect(str(path), read_only=read_only)
-        except duckdb.Error as exc:
-            message = one_line(str(exc))
-            locked = "Could not set lock" in message or "Conflicting lock" in message
-            if not (locked and time.monotonic() < deadline):
-                break
-        time.sleep(0.2)
-    if "not a valid DuckDB database" in message:
-        raise ArchiveError(
-            f"{path} is not a coevo archive (not a DuckDB database file): {message}"
-        ) from None
-    if "Could not set lock" in message or "Conflicting lock" in message:
-        pid = re.search(r"PID (\d+)", message)
-        raise ArchiveError(
-            f"archive {path} is in use by a running session "
-            f"(pid {pid.group(1) if pid else '?'}): wait for it to finish or stop it, "
-            f"then retry ({message})"
-        ) from None
-    if _DAMAGED.search(message):
-        raise ArchiveError(_damaged(path, message)) from None
-    raise ArchiveError(f"cannot open archive {path}: {message}") from None
-
-
-class Archive:
+class Archive(ArchiveReader):
     """A coevo archive file. Open with `Archive.open(path)`; use as a context manager."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None:
-        self._con = con
-        self.path = path
-        self.source = path  # the file actually open: the snapshot, for readers that have one
-        self.read_only = read_only
+        super().__init__(con, path, read_only)
         self._in_transaction = False
         self._closed = False
-        self._columns = self._load_columns()
 
     # ----------------------------------------------------------------- open / close
 
@@ -264,9 +97,9 @@ class Archive:
         source = path
         if read_only and snapshot_path(path).is_file():
             source = snapshot_path(path)
-        con = _connect(source, read_only)
+        con = connect(source, read_only, WRITER_LOCK_WAIT_S)
         try:
-            version = _schema_version(con, path)
+            version = schema_version(con, path)
             if version > SCHEMA_VERSION:
                 raise ArchiveError(
                     f"archive {path} has schema v{version}, newer than this coevo's "
@@ -279,7 +112,7 @@ class Archive:
                         f"v{SCHEMA_VERSION}: open it once writable (coevo sql --write, or "
                         f"resume its session) to migrate it"
                     )
-                _migrate(con, version)
+                migrate(con, version)
         except BaseException:
             con.close()
             raise
@@ -384,6 +217,13 @@ class Archive:
         if not updated or updated[0] == 0:
             raise ArchiveError(f"no session {session_id!r} in archive {self.path}")
 
+    def resume_session(self, session_id: str) -> None:
+        """Mark a stopped (or killed) session running again."""
+        self._check_writable()
+        self._execute(
+            "UPDATE sessions SET status = 'running', finished_at = NULL WHERE session_id = ?", [session_id]
+        )
+
     def add_prompt(self, role: str, name: str, text: str) -> str:
         """Store a prompt text once and return its hash (the id artifacts refer to).
 
@@ -437,7 +277,7 @@ class Archive:
             rows,
             returning="algorithm_id, run_id, verdict, duration_s, peak_memory_mb, created_at",
         )
-        return self._add_to_summaries(new, _ADD_RUNS_TO_SUMMARIES)
+        return self._add_to_summaries(new, summaries.ADD_RUNS)
 
     def add_models(self, rows: list[dict[str, Any]]) -> int:
         """Insert models; returns how many were new.
@@ -501,12 +341,6 @@ class Archive:
         """Record that a graph step's writes are in (call inside the step's transaction)."""
         self._insert("graph_steps", [{"session_id": session_id, "generation": generation, "step": step}])
 
-    def step_done(self, session_id: str, generation: int, step: str) -> bool:
-        return bool(self.scalar(
-            "SELECT count(*) FROM graph_steps WHERE session_id = ? AND generation = ? AND step = ?",
-            [session_id, generation, step],
-        ))
-
     def add_generation_metrics(self, row: dict[str, Any]) -> int:
         """Insert one generation's coverage metrics (population modes)."""
         return self._insert("generation_metrics", [row])
@@ -521,9 +355,9 @@ class Archive:
         """
         def summarise(batch: str, inserted: int) -> None:
             if inserted == len(rows):  # all new (the usual case): the batch is the increment
-                self._execute(_ADD_TO_SUMMARIES.format(new=batch))
+                self._execute(summaries.ADD_EVALUATIONS.format(new=batch))
             elif inserted:  # partly a replay: recount what the batch touches
-                self._execute(_RECOUNT_SUMMARIES.format(batch=batch))
+                self._execute(summaries.RECOUNT.format(batch=batch))
 
         return int(self._insert("evaluations", rows, after=summarise))
 
@@ -546,7 +380,7 @@ class Archive:
         if own:
             self._con.begin()
         try:
-            _refill_summaries(self._con)
+            summaries.refill(self._con)
         except duckdb.Error as exc:
             if own:
                 self._con.rollback()
@@ -574,121 +408,6 @@ class Archive:
         """
         return self._insert("dpo_runs", [row])
 
-    # ------------------------------------------------------------------------ reads
-
-    def query(self, sql: str, params: list[Any] | None = None) -> tuple[list[str], list[tuple]]:
-        """Run SQL; return (column names, rows). Statements without a result give ([], [])."""
-        result = self._execute(sql, params)
-        if result.description is None:
-            return [], []
-        columns = [d[0] for d in result.description]
-        try:
-            rows = result.fetchall()
-        except duckdb.Error as exc:
-            raise ArchiveError(one_line(str(exc))) from None
-        return columns, rows
-
-    def scalar(self, sql: str, params: list[Any] | None = None) -> Any:
-        """The first column of the first row, or None when there is no row."""
-        _, rows = self.query(sql, params)
-        return rows[0][0] if rows else None
-
-    def records(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
-        """Run SQL; return one dict per row."""
-        columns, rows = self.query(sql, params)
-        return [dict(zip(columns, row, strict=True)) for row in rows]
-
-    def algorithm_scores(self, session_id: str, iteration: int | None = None) -> list[dict]:
-        """Rows of the `algorithm_scores` view for a session (optionally one iteration)."""
-        sql = "SELECT * FROM algorithm_scores WHERE session_id = ?"
-        params: list[Any] = [session_id]
-        if iteration is not None:
-            sql += " AND iteration = ?"
-            params.append(iteration)
-        return self.records(sql + " ORDER BY iteration, sample_index, algorithm_id", params)
-
-    def top_algorithms(
-        self, session_id: str, k: int, *, max_iteration: int | None = None
-    ) -> list[dict]:
-        """The k executable algorithms with the best dev score, best first, with their code.
-
-        Keys: algorithm_id, iteration, sample_index, generator_version, prompt_hash,
-        dev_score, test_score, code.
-        """
-        sql = """
-            SELECT s.algorithm_id, s.iteration, s.sample_index, s.generator_version,
-                   s.prompt_hash, s.dev_score, s.test_score, a.code
-            FROM algorithm_scores s JOIN algorithms a USING (algorithm_id)
-            WHERE s.session_id = ? AND s.verdict = 'ok' AND s.dev_score IS NOT NULL
-        """
-        params: list[Any] = [session_id]
-        if max_iteration is not None:
-            sql += " AND s.iteration <= ?"
-            params.append(max_iteration)
-        sql += " ORDER BY s.dev_score DESC, s.test_score DESC NULLS LAST, s.algorithm_id LIMIT ?"
-        params.append(k)
-        return self.records(sql, params)
-
-    def model_paths(self, model_ids: list[str]) -> dict[str, str]:
-        """model id -> where its weights are, for the given models that exist."""
-        if not model_ids:
-            return {}
-        return dict(self.query(
-            "SELECT model_id, path FROM models WHERE model_id IN (SELECT unnest(?))", [model_ids]
-        )[1])
-
-    def existing_ids(self, table: str, id_column: str, ids: list[str]) -> set[str]:
-        """Which of `ids` are already in `table.id_column` (resume skips those)."""
-        if table not in self._columns or id_column not in self._columns[table]:
-            raise ArchiveError(f"archive has no column {table}.{id_column}")
-        if not ids:
-            return set()
-        _, rows = self.query(
-            f"SELECT DISTINCT {_quote(id_column)} FROM {_quote(table)} "
-            f"WHERE {_quote(id_column)} IN (SELECT unnest(?::VARCHAR[]))",
-            [list(ids)],
-        )
-        return {row[0] for row in rows}
-
-    def latest_session(self) -> dict | None:
-        """The most recently started session as a dict, or None for an empty archive."""
-        rows = self.records(
-            "SELECT * FROM sessions ORDER BY started_at DESC, session_id DESC LIMIT 1"
-        )
-        return rows[0] if rows else None
-
-    # ------------------------------------------------------- export / import / merge
-
-    def tables(self) -> list[str]:
-        """The archive's data tables (not `schema_version` nor the derived summary tables)."""
-        rows = self._execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
-            "AND schema_name = 'main' AND table_name != 'schema_version' ORDER BY table_oid"
-        ).fetchall()
-        return [row[0] for row in rows if row[0] not in SUMMARY_TABLES]
-
-    def export_parquet(self, out_dir: Path) -> dict[str, int]:
-        """Write one Parquet file per table plus `manifest.json`; returns rows per table.
-
-        Files are written under a temporary name and renamed, table by table; the manifest is
-        written last, so a directory with a manifest is a complete export.
-        """
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "manifest.json").unlink(missing_ok=True)
-        counts: dict[str, int] = {}
-        for table in self.tables():
-            tmp = out_dir / f".{table}.parquet.tmp"
-            self._execute(
-                f"COPY (SELECT * FROM {_quote(table)}) TO '{_sql_path(tmp)}' "
-                "(FORMAT parquet, COMPRESSION zstd)"
-            )
-            os.replace(tmp, out_dir / f"{table}.parquet")
-            counts[table] = int(self.scalar(f"SELECT count(*) FROM {_quote(table)}"))
-        manifest = {"format": "coevo-archive-export", "schema_version": SCHEMA_VERSION, "rows": counts}
-        (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        return counts
-
     def import_parquet(self, in_dir: Path) -> dict[str, int]:
         """Add an export's rows (rows whose key is already here are kept as they are), in one
         transaction; returns the new rows per table."""
@@ -705,7 +424,7 @@ class Archive:
                 f"{in_dir} was exported at schema v{version}, this coevo writes v{SCHEMA_VERSION}: "
                 "export it again with this coevo (opening the source archive migrates it)"
             )
-        sources = {t: f"read_parquet('{_sql_path(in_dir / f'{t}.parquet')}')" for t in manifest["rows"]}
+        sources = {t: f"read_parquet('{sql_path(in_dir / f'{t}.parquet')}')" for t in manifest["rows"]}
         return self._add_from(sources)
 
     def merge_from(self, other: Path) -> dict[str, int]:
@@ -718,7 +437,7 @@ class Archive:
         source = snapshot_path(other) if snapshot_path(other).is_file() else other
         if not source.is_file():
             raise ArchiveError(f"no archive at {other}")
-        self._execute(f"ATTACH '{_sql_path(source)}' AS merge_source (READ_ONLY)")
+        self._execute(f"ATTACH '{sql_path(source)}' AS merge_source (READ_ONLY)")
         try:
             version = self.scalar("SELECT coalesce(max(version), 0) FROM merge_source.schema_version")
             if version != SCHEMA_VERSION:
@@ -726,7 +445,7 @@ class Archive:
                     f"{other} has schema v{version}, this coevo writes v{SCHEMA_VERSION}: open it "
                     "once with this coevo (coevo sql --write --archive ...) to migrate it first"
                 )
-            return self._add_from({t: f"merge_source.{_quote(t)}" for t in self.tables()})
+            return self._add_from({t: f"merge_source.{quote(t)}" for t in self.tables()})
         finally:
             self._con.execute("DETACH merge_source")
 
@@ -738,7 +457,7 @@ class Archive:
         with self.transaction():
             for table, source in sources.items():
                 result = self._execute(
-                    f"INSERT OR IGNORE INTO {_quote(table)} BY NAME SELECT * FROM {source}"
+                    f"INSERT OR IGNORE INTO {quote(table)} BY NAME SELECT * FROM {source}"
                 ).fetchone()
                 added[table] = int(result[0]) if result else 0
             self.rebuild_summaries()
@@ -746,37 +465,11 @@ class Archive:
 
     # ---------------------------------------------------------------------- helpers
 
-    def _execute(self, sql: str, params: list[Any] | None = None) -> duckdb.DuckDBPyConnection:
-        try:
-            return self._con.execute(sql, params)
-        except duckdb.Error as exc:
-            message = one_line(str(exc))
-            if _DAMAGED.search(message):
-                raise ArchiveError(_damaged(self.source, message)) from None
-            if "read-only mode" in message:
-                message += (
-                    f" (archive {self.path} is open read-only; open it writable to change it)"
-                )
-            raise ArchiveError(message) from None
-
     def _check_writable(self) -> None:
         if self.read_only:
             raise ArchiveError(
                 f"archive {self.path} is open read-only: open it with read_only=False to write"
             )
-
-    def _load_columns(self) -> dict[str, dict[str, _Column]]:
-        """table -> column -> its type, whether a row must give it, and its SQL default."""
-        rows = self._con.execute(
-            "SELECT table_name, column_name, data_type, is_nullable, column_default "
-            "FROM duckdb_columns() WHERE database_name = current_database() "
-            "AND schema_name = 'main' AND NOT internal ORDER BY table_name, column_index"
-        ).fetchall()
-        tables: dict[str, dict[str, _Column]] = {}
-        for table, column, data_type, nullable, default in rows:
-            required = not nullable and default is None
-            tables.setdefault(table, {})[column] = _Column(data_type, required, default)
-        return tables
 
     def _insert(
         self,
@@ -794,50 +487,10 @@ class Archive:
         self._check_writable()
         if not rows:
             return 0
-        columns = self._columns[table]
-        # Rows of one batch nearly always share their keys: check each distinct key set once.
-        key_sets = {tuple(row) for row in rows}
-        given = set().union(*key_sets)
-        unknown = sorted(given - set(columns))
-        if unknown:
-            raise ArchiveError(f"{table}: unknown column(s) {unknown}; known: {sorted(columns)}")
-        in_every_row = set(columns).intersection(*key_sets)
-        present = [name for name in columns if name in given]
-        arrays = {}
-        for name in present:
-            column = columns[name]
-            if name in in_every_row:
-                values = list(map(operator.itemgetter(name), rows))
-            else:
-                values = [row.get(name) for row in rows]
-            if column.required and None in values:
-                index = values.index(None)
-                raise ArchiveError(f"{table} row {index}: missing {name!r}: {rows[index]!r:.200}")
-            if column.data_type == "JSON":
-                values = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
-            try:
-                arrays[name] = pa.array(values, type=_ARROW_TYPES.get(column.data_type))
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-                raise ArchiveError(
-                    f"{table}.{name} ({column.data_type}): {one_line(str(exc))}"
-                ) from None
-        missing = [n for n, c in columns.items() if c.required and n not in given]
-        if missing:
-            raise ArchiveError(f"{table} row 0: missing {missing}: {rows[0]!r:.200}")
-        # A column with a SQL default may be given for some rows only: SQL fills the others.
-        select = ", ".join(
-            f"coalesce({_quote(name)}, {columns[name].default})"
-            if columns[name].default is not None
-            else _quote(name)
-            for name in present
-        )
         view = f"_archive_batch_{next(_batch_names)}"
-        self._con.register(view, pa.table(arrays))
+        batch, statement = batch_insert(table, rows, self._columns[table], view)
+        self._con.register(view, batch)
         try:
-            statement = (
-                f"INSERT OR IGNORE INTO {_quote(table)} ({', '.join(map(_quote, present))}) "
-                f"SELECT {select} FROM {view}"
-            )
             if returning:
                 with warnings.catch_warnings():  # "an extra copy": a batch, not a big result
                     warnings.simplefilter("ignore", UserWarning)
@@ -855,16 +508,6 @@ class Archive:
         return int(result[0]) if result else 0
 
 
-_DAMAGED = re.compile(r"Could not read enough bytes|[Cc]orrupt|checksum|Invalid block")
-
-
-def _damaged(path: Path, message: str) -> str:
-    return (
-        f"archive {path} is damaged or truncated ({message}): restore it from a backup or an "
-        "export (`coevo archive import`)"
-    )
-
-
 def _maybe_crash(table: str) -> None:
     """SIGKILL this process mid-transaction on the N-th write to TABLE ("TABLE:N"); tests only."""
     name, _, count = _FAULT.partition(":")
@@ -873,64 +516,3 @@ def _maybe_crash(table: str) -> None:
     _fault_writes[table] = _fault_writes.get(table, 0) + 1
     if _fault_writes[table] == int(count or 1):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _Column(NamedTuple):
-    data_type: str
-    required: bool
-    default: str | None
-
-
-def _sql_path(path: Path) -> str:
-    """A file path as the inside of a single-quoted SQL string."""
-    return str(path).replace("'", "''")
-
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
-
-
-def _schema_version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
-    """The archive's applied schema version; 0 for an empty database."""
-    tables = {
-        row[0]
-        for row in con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
-        ).fetchall()
-    }
-    if "schema_version" not in tables:
-        if tables:
-            raise ArchiveError(
-                f"{path} is not a coevo archive (a DuckDB database without a schema_version "
-                f"table): tables {sorted(tables)[:5]}; point coevo at a new file"
-            )
-        return 0
-    value = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
-    return int(value[0]) if value else 0
-
-
-def _refill_summaries(con: duckdb.DuckDBPyConnection) -> None:
-    """Recompute every summary table from `evaluations` and `sandbox_runs`."""
-    for table in SUMMARY_TABLES:
-        con.execute(f"DELETE FROM {table}")
-    con.execute(_ADD_TO_SUMMARIES.format(new="evaluations"))
-    con.execute(_ADD_RUNS_TO_SUMMARIES.format(new="sandbox_runs"))
-
-
-def _migrate(con: duckdb.DuckDBPyConnection, current: int) -> None:
-    """Apply the migrations above `current`, each in its own transaction."""
-    con.execute(_BOOTSTRAP)
-    pending = [m for m in migrations() if m[0] > current]
-    for version, name, sql in pending:
-        con.begin()
-        try:
-            con.execute(sql)
-            # The last migration applied fills the summary tables (added from v3 on) from the
-            # evaluations, in its own transaction: an upgrade cut short refills on the next open.
-            if version == pending[-1][0] and version >= 3:
-                _refill_summaries(con)
-            con.execute("INSERT INTO schema_version (version, name) VALUES (?, ?)", [version, name])
-        except duckdb.Error as exc:
-            con.rollback()
-            raise ArchiveError(f"migration {name} failed: {one_line(str(exc))}") from None
-        con.commit()

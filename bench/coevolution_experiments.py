@@ -29,11 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-from agents.judge import Judge, exact_match
-from agents.task_writer import procedural_family
+from agents.answerer import Answerer
+from agents.judge import exact_match
+from agents.tasks import load_tasks
 from archive_store import Archive
-from coevo.tasks import load_tasks
 from coevo.zoo.build import default_zoo_dir, ensure_zoo
+from coevo.zoo.task_families import procedural_family
 
 ARMS: dict[str, dict[str, str]] = {
     "acdc-tasks": {
@@ -95,7 +96,7 @@ def run_arm(workdir: Path, config_text: str, seed: int, zoo: Path, log: Path, ar
     return time.time() - started
 
 
-def measure_run(workdir: Path, judge: Judge, bench: list[tuple[str, str, str]]) -> dict:
+def measure_run(workdir: Path, judge: Answerer, bench: list[tuple[str, str, str]]) -> dict:
     """Per generation: own-pool coverage (as archived) and the team's benchmark coverage."""
     with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
         sid = archive.scalar("select session_id from sessions where status = 'finished' order by started_at desc limit 1")
@@ -245,7 +246,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     zoo = ensure_zoo(args.zoo or default_zoo_dir(0), seed=0)
     bench = benchmark(zoo)
-    judge = Judge(zoo / "base", batch_size=512)
+    judge = Answerer(zoo / "base", batch_size=512)
     results_path = out / "results.json"
     results: dict = json.loads(results_path.read_text()) if results_path.is_file() else {}
     algorithms = out / "selfdev" / "archive.duckdb"

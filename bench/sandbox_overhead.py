@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from coevo.zoo.tiny import perturbed_copy, save_tiny_llama  # noqa: E402
 from sandbox.docker_runner import DockerRunner  # noqa: E402
-from sandbox.runner import MergeJob, ProcessRunner, Runner, SandboxLimits  # noqa: E402
+from sandbox.jobs import MergeJob, Runner, SandboxLimits  # noqa: E402
+from sandbox.process_runner import ProcessRunner  # noqa: E402
 
 PROGRAM = "import torch\n\n\ndef merge(task_vectors, *, name, base):\n    return torch.stack(task_vectors).mean(dim=0)\n"
 

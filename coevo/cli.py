@@ -13,40 +13,36 @@ DEFAULT_WORKDIR = Path("coevo_work")
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by bad input: reported in one line, never with a stack trace."""
     from agents.backends import BackendError
-    from agents.coevolution import PopulationError
+    from agents.loop import SessionStopped
+    from agents.population import PopulationError
+    from agents.prompts import PromptError
+    from agents.tasks import TaskFileError
     from archive_store import ArchiveError
     from coevo.config import ConfigError
-    from coevo.prompts import PromptError
     from coevo.session import SessionError
-    from coevo.tasks import TaskFileError
     from merging.check import IncompatibleModels
     from merging.io import ModelDirError
-    from sandbox.runner import SandboxUnavailable
+    from sandbox.jobs import SandboxUnavailable
 
     return (ArchiveError, BackendError, ConfigError, IncompatibleModels, ModelDirError,
-            PopulationError, PromptError, SandboxUnavailable, SessionError, TaskFileError)
+            PopulationError, PromptError, SandboxUnavailable, SessionError, SessionStopped, TaskFileError)
 
 
 # ----------------------------------------------------------------------------- commands
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    from agents.config import switch_mode
     from coevo.config import load_config, parse_config
     from coevo.session import run_session
 
     if args.resume and args.config:
-        raise SystemExit("error: --resume continues the last session with its own config; drop CONFIG")
-    config = load_config(args.config)
+        raise SystemExit("error: --resume continues a session with its own config; drop CONFIG")
+    notes: list[str] = []
+    config = load_config(args.config, notes=notes)
     overrides = config.model_dump()
     if args.mode is not None and args.mode != config.mode:
-        from coevo.config import MODE_DEFAULTS
-
-        # Settings still at the old mode's defaults take the new mode's.
-        for section, values in MODE_DEFAULTS[config.mode].items():
-            for key, value in values.items():
-                if overrides[section][key] == value:
-                    overrides[section][key] = None
-        overrides["mode"] = args.mode
+        overrides = switch_mode(overrides, args.mode)
     if args.generations is not None:
         overrides["population"]["generations"] = args.generations
     if args.iterations is not None:
@@ -61,9 +57,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.print_config:
         import json
 
+        for note in notes:
+            print(f"[config] {note}", file=sys.stderr)
         print(json.dumps(config.model_dump(), indent=2))
         return 0
-    run_session(None if args.resume else config, args.workdir, resume=args.resume)
+    run_session(None if args.resume else config, args.workdir, resume=args.resume, config_notes=notes)
     return 0
 
 
@@ -97,7 +95,8 @@ def _archive_path(args: argparse.Namespace) -> Path:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from archive_store import ArchiveError, run_sql
+    from archive_store import run_sql
+    from archive_store.shell import repl
 
     path = _archive_path(args)
     out = Path(args.out) if args.out else None
@@ -105,71 +104,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
         sql = args.command if args.command is not None else _read_sql_file(args.file)
         print(run_sql(path, sql, fmt=args.format, write=args.write, out=out))
         return 0
-    try:
-        import readline
-    except ImportError:  # pragma: no cover - readline is missing on some platforms
-        readline = None  # type: ignore[assignment]
-    history = Path.home() / ".cache" / "coevo" / "sql_history"
-    if readline is not None:
-        try:
-            readline.read_history_file(history)
-        except OSError:
-            pass
-    print(f"coevo sql on {path} ({'read-write' if args.write else 'read-only'}); statements end with ';' "
-          "and may span lines; .tables .views .schema [NAME] .help .quit")
-    buffer: list[str] = []
-    try:
-        while True:
-            try:
-                line = input("   ...> " if buffer else "coevo> ")
-            except EOFError:
-                print()
-                return 0
-            except KeyboardInterrupt:
-                print()
-                buffer = []
-                continue
-            if not buffer and line.strip().startswith("."):
-                if _dot_command(path, line.strip()):
-                    return 0
-                continue
-            buffer.append(line)
-            if line.rstrip().endswith(";"):
-                try:
-                    print(run_sql(path, "\n".join(buffer), fmt=args.format, write=args.write, out=out))
-                except ArchiveError as err:
-                    print(f"error: {err}", file=sys.stderr)
-                buffer = []
-    finally:
-        if readline is not None:
-            try:
-                history.parent.mkdir(parents=True, exist_ok=True)
-                readline.set_history_length(2000)
-                readline.write_history_file(history)
-            except OSError:
-                pass
-
-
-def _dot_command(path: Path, line: str) -> bool:
-    """Run one shell command (`.tables` ...); True when the shell should exit."""
-    from archive_store import ArchiveError, schema_of, tables_and_views
-
-    command, _, name = line.partition(" ")
-    try:
-        if command in (".quit", ".exit"):
-            return True
-        if command == ".tables":
-            print(tables_and_views(path))
-        elif command == ".views":
-            print(tables_and_views(path, kind="view"))
-        elif command == ".schema":
-            print(schema_of(path, name.strip() or None))
-        else:
-            print(".tables     tables and views with their columns\n.views      views only\n"
-                  ".schema [N] the SQL defining table or view N (all without N)\n.quit       leave")
-    except ArchiveError as err:
-        print(f"error: {err}", file=sys.stderr)
-    return False
+    return repl(path, fmt=args.format, write=args.write, out=out)
 
 
 def _read_sql_file(name: str) -> str:
@@ -208,22 +143,15 @@ def cmd_archive(args: argparse.Namespace) -> int:
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from archive_store import Archive, ArchiveError
-    from coevo.ui import percent
+    from agents.console import percent
+    from archive_store import Archive, ArchiveError, queries
 
     with Archive.open(_archive_path(args), read_only=True) as archive:
         session = args.session or (archive.latest_session() or {}).get("session_id")
         if args.action == "show":
             if not args.id:
                 raise ArchiveError("coevo review show needs an algorithm id (see `coevo review`)")
-            rows = archive.records(
-                "select s.*, a.code, a.policy_reason, r.reason, r.stderr from algorithm_scores s "
-                "join algorithms a using (algorithm_id) left join sandbox_runs r using (run_id) "
-                "where s.algorithm_id = ? or s.algorithm_id like '%' || ?", [args.id, args.id],
-            )
-            if not rows:
-                raise ArchiveError(f"no algorithm {args.id!r} in the archive")
-            row = rows[0]
+            row = queries.review_algorithm(archive, args.id)
             print(f"algorithm  {row['algorithm_id']}")
             print(f"iteration  {row['iteration']}  generator v{row['generator_version']}  T={row['temperature']:.2f}")
             print(f"outcome    {row['outcome']}")
@@ -241,16 +169,7 @@ def cmd_review(args: argparse.Namespace) -> int:
             return 0
         if session is None:
             raise ArchiveError("the archive holds no session yet")
-        where = "where session_id = ?"
-        params: list = [session]
-        if args.outcome:
-            where += " and outcome = ?"
-            params.append(args.outcome)
-        listing = archive.query(
-            f"select algorithm_id, iteration, generator_version, outcome, dev_score, test_score "
-            f"from algorithm_scores {where} order by dev_score desc nulls last, algorithm_id limit ?",
-            [*params, args.limit],
-        )[1]
+        listing = queries.review_listing(archive, session, outcome=args.outcome, limit=args.limit)
         print(f"session {session}: {len(listing)} algorithms (best first; `coevo review show ID` for one)")
         print(f"  {'algorithm':38} {'iter':>4} {'gen':>3} {'outcome':20} {'dev':>6} {'test':>6}")
         for algorithm_id, iteration, version, outcome, dev, test in listing:
@@ -259,7 +178,7 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
-    from coevo.prompts import DEFAULT_PROMPTS_DIR, list_prompts, load_prompt
+    from agents.prompts import DEFAULT_PROMPTS_DIR, list_prompts, load_prompt
 
     directory = Path(args.dir) if args.dir else DEFAULT_PROMPTS_DIR
     if args.action == "path":
@@ -292,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("launch", help="run a discovery session (no CONFIG = embedded quickstart)")
     p.add_argument("config", nargs="?", type=Path, help="session config (TOML)")
     workdir(p)
-    p.add_argument("--resume", action="store_true", help="continue the last unfinished session in --workdir")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="SESSION_ID",
+                   help="continue an unfinished session in --workdir: SESSION_ID, or the latest unfinished one")
     p.add_argument("--mode", choices=["selfdev", "acdc", "cycleqd"], help="override mode")
     p.add_argument("--iterations", type=int, help="override session.iterations (selfdev)")
     p.add_argument("--generations", type=int, help="override population.generations (acdc, cycleqd)")

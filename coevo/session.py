@@ -1,33 +1,162 @@
-"""Launching and resuming discovery sessions, and the end-of-session report."""
+"""Launching and resuming discovery sessions.
+
+`run_session` takes the workdir's lock (one running session per workdir), opens the archive,
+picks the session (a new one, or an unfinished one to resume), resolves the models (yours,
+or the embedded zoo), builds the sandbox runner and every role the mode needs with the
+session's one prompts dir, archives the templates they read, runs the mode's graph
+(`agents.selfdev` or `agents.population`) and prints the report.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import secrets
-import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from langgraph.checkpoint.sqlite import SqliteSaver
-
-from agents.backends import make_llm
-from agents.graph import SessionContext, build_graph
-from archive_store import Archive
+from agents import population, selfdev
+from agents.backends import LLMBackend, make_llm
+from agents.console import say
+from agents.generator import Generator
+from agents.judge import BestOfNPicker, LLMJudge, make_gibberish_filter
+from agents.loop import LoopContext, run_graph
+from agents.novelty import make_novelty
+from agents.prompts import Prompt, load_prompt
+from agents.task_writer import LLMTaskWriter, TaskWriter
+from agents.tasks import families_from_tasks, load_tasks
+from archive_store import Archive, queries
 from coevo.config import Config, ConfigError, parse_config
-from coevo.prompts import load_prompt
-from coevo.tasks import load_tasks
-from coevo.ui import percent, say
+from coevo.report import format_report
 from coevo.zoo.build import default_zoo_dir, ensure_zoo
+from coevo.zoo.task_families import ProceduralTaskWriter
 from merging.check import check_compatible
+from sandbox.jobs import Runner
+from sandbox.runners import runner_from_config
+
+LOCK_FILE = "session.lock"
 
 
 class SessionError(ValueError):
-    """A session cannot start or resume (nothing to resume, bad model dirs…)."""
+    """A session cannot start or resume (nothing to resume, a busy workdir, bad model dirs…)."""
 
 
-def _resolve_models(config: Config, runner_kind: str) -> tuple[Path, list[Path], Path, Path | None, str]:
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[Path]:
+    """Hold the workdir's lock while a session runs: a second launch fails at once, naming the
+    running session and its pid. The lock is the kernel's (flock): it dies with its process,
+    so a killed session never leaves a stale one."""
+    path = workdir / LOCK_FILE
+    handle = open(path, "a+")  # noqa: SIM115 - held until the session ends
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            try:
+                holder = json.loads(handle.read() or "{}")
+            except ValueError:
+                holder = {}
+            raise SessionError(
+                f"workdir {workdir} is in use by session {holder.get('session_id') or '(starting)'} "
+                f"(pid {holder.get('pid', '?')}): wait for it to finish or stop it, then "
+                "`coevo launch --resume`"
+            ) from None
+        _write_holder(handle, None)
+        yield path
+    finally:
+        handle.close()
+
+
+def _write_holder(handle: Any, session_id: str | None) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "session_id": session_id}))
+    handle.flush()
+
+
+def run_session(
+    config: Config | None, workdir: Path, *, resume: bool | str = False, config_notes: list[str] | None = None
+) -> str:
+    """Start a session (config) or resume one (`resume` True: the latest unfinished session,
+    or a session id) in workdir, run it to its end and print its report; returns its id."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lock(workdir) as lock, Archive.open(workdir / "archive.duckdb") as archive, \
+            contextlib.ExitStack() as stack:
+        if resume:
+            row = _session_to_resume(archive, workdir, resume)
+            session_id = row["session_id"]
+            config = parse_config(json.loads(row["config_json"]), f"session {session_id} config")
+            say(f"[session] resuming {session_id} ({row['status']})")
+        else:
+            config = config or Config()
+            # The random suffix keeps ids unique when archives of several machines are merged.
+            session_id = time.strftime("%Y%m%d-%H%M%S") + f"-s{config.seed}-{secrets.token_hex(2)}"
+        with open(lock, "r+") as handle:
+            _write_holder(handle, session_id)
+        for note in config_notes or []:
+            say(f"[config] {note}")
+        base, experts, tasks_dir, zoo_generator, task_set = _resolve_models(config)
+        check_compatible(base, experts)
+        # Population children live under models/; one warm container pool serves every
+        # parent set drawn from there, the base and the experts.
+        (workdir / "models").mkdir(exist_ok=True)
+        runner = runner_from_config(
+            config.sandbox, scratch_dir=workdir / ".sandbox", input_roots=[workdir / "models", base, *experts]
+        )
+        stack.callback(runner.close)
+        say(f"[session] sandbox runner: {runner.description}")
+        shared = {"config": config, "session_id": session_id, "workdir": workdir, "archive": archive,
+                  "runner": runner, "base_dir": base, "expert_dirs": experts}
+        if config.mode == "selfdev":
+            ctx: LoopContext
+            ctx, start, prompts = _selfdev(shared, tasks_dir, task_set, zoo_generator, resume=bool(resume))
+            build = selfdev.build_graph
+        else:
+            ctx, start, prompts = _population(shared, archive, runner, resume=bool(resume))
+            build = population.build_graph
+        with archive.transaction():
+            if resume:
+                archive.resume_session(session_id)
+            else:
+                archive.add_session(session_id, config.mode, config.seed, config.model_dump())
+            for role, prompt in prompts:  # exactly the templates this run's roles read
+                archive.add_prompt(role, prompt.name, prompt.text)
+            if not resume and isinstance(ctx, selfdev.SelfdevContext):
+                archive.add_generator_version(session_id, 0, start["generator_path"])
+                archive.add_tasks([
+                    {"task_id": ctx.task_id(t), "skill": t.skill, "split": t.split, "prompt": t.prompt,
+                     "answer": t.answer, "origin": task_set}
+                    for t in ctx.tasks
+                ])
+        archive.publish_snapshot()
+        run_graph(build, ctx, start, resume=bool(resume))
+        say("")
+        say(format_report(archive, session_id, config.mode))
+        return session_id
+
+
+def _session_to_resume(archive: Archive, workdir: Path, which: bool | str) -> dict[str, Any]:
+    if which is True:
+        row = queries.latest_unfinished_session(archive)
+        if row is None:
+            raise SessionError(f"nothing to resume in {workdir}: no unfinished session (start one with `coevo launch`)")
+        return row
+    row = queries.session(archive, str(which))
+    if row is None:
+        raise SessionError(f"no session {which!r} in {workdir} (see `coevo sql -c \"select * from sessions\"`)")
+    if row["status"] == "finished":
+        raise SessionError(f"session {which} already finished: nothing to resume")
+    return row
+
+
+def _resolve_models(config: Config) -> tuple[Path, list[Path], Path, Path | None, str]:
     """base dir, expert dirs, tasks dir, default generator dir, and a task-set id."""
     if config.models.base:
         base = Path(config.models.base)
@@ -36,130 +165,124 @@ def _resolve_models(config: Config, runner_kind: str) -> tuple[Path, list[Path],
         digest = hashlib.sha256(str(tasks.resolve()).encode()).hexdigest()[:8]
         return base, experts, tasks, None, f"tasks-{digest}"
     zoo = Path(config.zoo.dir) if config.zoo.dir else default_zoo_dir(config.zoo.seed)
-    ensure_zoo(zoo, seed=config.zoo.seed, runner_kind=runner_kind)
+    ensure_zoo(zoo, seed=config.zoo.seed, runner_kind=config.sandbox.runner)
     experts = sorted(p for p in (zoo / "experts").iterdir() if p.is_dir())
     return zoo / "base", experts, zoo / "tasks", zoo / "generator", f"zoo-s{config.zoo.seed}"
 
 
-def _backend_factory(config: Config):
+def _prompts_dir(config: Config) -> Path | None:
+    return Path(config.prompts_dir) if config.prompts_dir else None
+
+
+# ----------------------------------------------------------------------------- Self-Developing
+
+
+def _selfdev(
+    shared: dict[str, Any], tasks_dir: Path, task_set: str, zoo_generator: Path | None, *, resume: bool
+) -> tuple[selfdev.SelfdevContext, dict[str, Any], list[tuple[str, Prompt]]]:
+    config: Config = shared["config"]
     g = config.generator
-    if g.backend == "openai":
-        if not g.base_url or not g.model:
-            raise ConfigError("generator.backend = 'openai' needs generator.base_url and generator.model")
-        return lambda path: make_llm("openai", g.model, base_url=g.base_url, api_key=g.api_key)
-    # A local generator is loaded from its current version's dir (DPO writes new ones).
-    return lambda path: make_llm(g.backend, str(path), device=g.device)
+    generator_dir = Path(g.model) if g.model else zoo_generator
+    if generator_dir is None:
+        raise ConfigError("generator.model is required when models.base is set (a model dir or served name)")
+    if g.backend == "openai" and not (g.base_url and g.model):
+        raise ConfigError("generator.backend = 'openai' needs generator.base_url and generator.model")
+
+    def make_backend(path: Path) -> LLMBackend:
+        # A local generator is loaded from its current version's dir (DPO writes new ones).
+        return make_llm(g) if g.backend == "openai" else make_llm(g, str(path))
+
+    prompt = load_prompt("generator", _prompts_dir(config))
+    generator = Generator(g, prompt, make_backend, n_experts=len(shared["expert_dirs"]),
+                          iterations=config.session.iterations)
+    tasks = load_tasks(tasks_dir)
+    ctx = selfdev.SelfdevContext(**shared, tasks=tasks, task_prefix=task_set, generator=generator)
+    start = {"iteration": 0, "generator_version": 0, "generator_path": str(generator_dir), "finished": False}
+    if not resume:
+        say(f"[session] {ctx.session_id}: {config.session.iterations} iterations x {g.programs_per_iteration} "
+            f"programs, {len(ctx.expert_dirs)} experts, {len(ctx.split('dev'))} dev / {len(ctx.split('test'))} test tasks")
+    return ctx, start, [("generator-template", prompt)]
 
 
-def run_session(config: Config | None, workdir: Path, *, resume: bool = False) -> str:
-    """Start (or resume the latest unfinished) session in workdir; returns its session id."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    archive = Archive.open(workdir / "archive.duckdb")
-    stack = contextlib.ExitStack()
-    try:
-        if resume:
-            latest = archive.latest_session()
-            if latest is None or latest["status"] == "finished":
-                raise SessionError(f"nothing to resume in {workdir}: no unfinished session (start one with `coevo launch`)")
-            session_id = latest["session_id"]
-            config = parse_config(json.loads(latest["config_json"]), f"session {session_id} config")
-            say(f"[session] resuming {session_id}")
-        else:
-            config = config or Config()
-            # The random suffix keeps ids unique when archives of several machines are merged.
-            session_id = time.strftime("%Y%m%d-%H%M%S") + f"-s{config.seed}-{secrets.token_hex(2)}"
-        base, experts, tasks_dir, zoo_generator, task_set = _resolve_models(config, config.sandbox.runner)
-        check_compatible(base, experts)
-        # Population children live under models/; one warm container pool serves every
-        # parent set drawn from there, the base and the experts.
-        (workdir / "models").mkdir(exist_ok=True)
-        runner = config.sandbox.make_runner(
-            scratch_dir=workdir / ".sandbox", input_roots=[workdir / "models", base, *experts]
+# ----------------------------------------------------------------------------- population modes
+
+
+def make_writer(config: Config, session_id: str) -> TaskWriter:
+    """The task writer the config asks for: procedural (embedded zoo) or an LLM, seeded with
+    the user's task set (`models.tasks`, one family per skill) when there is one."""
+    cfg = config.tasks
+    if cfg.writer == "llm":
+        seeds = None
+        if config.models.tasks:
+            tasks = [t for t in load_tasks(Path(config.models.tasks)) if t.split == "dev"]
+            seeds = families_from_tasks(tasks, prefix=f"{session_id}/tasks")
+        return LLMTaskWriter(
+            make_llm(cfg.llm), prompts_dir=_prompts_dir(config), n_instances=cfg.instances,
+            temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed_families=seeds,
         )
-        stack.callback(runner.close)
-        say(f"[session] sandbox runner: {runner.description}")
-        if config.mode != "selfdev":
-            from coevo.population import run_population
-
-            run_population(config, workdir, archive, runner, session_id, base, experts, resume=resume)
-            return session_id
-        tasks = load_tasks(tasks_dir)
-        generator_dir = Path(config.generator.model) if config.generator.model else zoo_generator
-        if generator_dir is None:
-            raise ConfigError("generator.model is required when models.base is set (a model dir or served name)")
-        prompt = load_prompt("generator", Path(config.generator.prompts_dir) if config.generator.prompts_dir else None)
-        if not resume:
-            with archive.transaction():
-                archive.add_session(session_id, config.mode, config.seed, config.model_dump())
-                archive.add_prompt("generator-template", prompt.name, prompt.text)
-                archive.add_generator_version(session_id, 0, str(generator_dir))
-                archive.add_tasks([
-                    {"task_id": f"{task_set}/{t.task_id}", "skill": t.skill, "split": t.split,
-                     "prompt": t.prompt, "answer": t.answer, "origin": task_set}
-                    for t in tasks
-                ])
-            say(f"[session] {session_id}: {config.session.iterations} iterations x "
-                f"{config.generator.programs_per_iteration} programs, {len(experts)} experts, "
-                f"{sum(t.split == 'dev' for t in tasks)} dev / {sum(t.split == 'test' for t in tasks)} test tasks")
-        ctx = SessionContext(
-            config=config, session_id=session_id, workdir=workdir, archive=archive, runner=runner,
-            base_dir=base, expert_dirs=experts, tasks=tasks, task_prefix=task_set, prompt=prompt,
-            make_backend=_backend_factory(config),
+    if config.models.base:
+        raise ConfigError(
+            "tasks.writer = 'procedural' writes tasks in the embedded zoo's formats only: "
+            "with your own models set tasks.writer = 'llm' (and tasks.llm.model / tasks.llm.base_url)"
         )
-        conn = sqlite3.connect(workdir / "checkpoints.sqlite", check_same_thread=False)
-        try:
-            graph = build_graph(ctx, SqliteSaver(conn))
-            run_config = {"configurable": {"thread_id": session_id}, "recursion_limit": 10_000}
-            start = None if resume else {
-                "iteration": 0, "generator_version": 0, "generator_path": str(generator_dir), "finished": False,
-            }
-            for _ in graph.stream(start, run_config, durability="sync"):
-                archive.publish_snapshot()  # readers (coevo sql) see each step once it is whole
-        finally:
-            conn.close()
-        say("")
-        say(format_report(archive, session_id))
-        return session_id
-    finally:
-        stack.close()
-        archive.close()
+    return ProceduralTaskWriter(instances=cfg.instances)
 
 
-def format_report(archive: Archive, session_id: str) -> str:
-    """Leaderboard (best algorithms vs baselines, dev and test) and per-iteration statistics."""
-    lines = [f"Session {session_id}", "", "Leaderboard (exact match, %):"]
-    rows = archive.query(
-        """
-        with scores as (
-          select m.model_id, m.kind, m.name, m.algorithm_id, t.split, avg(e.score) as score
-          from models m join evaluations e using (model_id) join tasks t using (task_id)
-          where m.session_id = ? group by all
+def _generated_algorithms(config: Config, archive: Archive) -> list[dict[str, Any]]:
+    """The generated algorithms a crossover = 'algorithm' session draws from."""
+    if config.population.crossover != "algorithm":
+        return []
+    source = config.population.algorithms_from
+    if source:
+        with Archive.open(Path(source), read_only=True) as other:
+            found = queries.generated_algorithms(other)
+    else:
+        found = queries.generated_algorithms(archive)
+    if not found:
+        raise ConfigError(
+            f"population.crossover = 'algorithm' but {source or 'this workdir archive'} holds no executed generated "
+            "algorithm with a dev score: run a selfdev session there first (coevo launch --mode selfdev), "
+            "or point population.algorithms_from at an archive that has one"
         )
-        select coalesce(algorithm_id, kind || ':' || name) as name, kind,
-               max(score) filter (where split = 'dev') as dev, max(score) filter (where split = 'test') as test
-        from scores group by all
-        having kind != 'merged' or max(score) filter (where split = 'test') is not null
-        order by test desc nulls last, dev desc
-        """,
-        [session_id],
-    )[1]
-    lines.append(f"  {'model':42} {'kind':9} {'dev':>7} {'test':>7}")
-    for name, kind, dev, test in rows:
-        lines.append(f"  {name:42} {kind:9} {percent(dev):>7} {percent(test):>7}")
-    lines += ["", "Per iteration (dev scores of executable programs):"]
-    lines.append(f"  {'iter':>4} {'gen':>3} {'programs':>8} {'executable':>10} {'rate':>6} {'mean':>6} {'median':>6} {'top-3':>17}")
-    for row in archive.records(
-        "select * from iteration_stats where session_id = ? order by iteration", [session_id]
-    ):
-        top3 = archive.query(
-            "select dev_score from algorithm_scores where session_id = ? and iteration = ? and dev_score is not null "
-            "order by dev_score desc limit 3", [session_id, row["iteration"]],
-        )[1]
-        lines.append(
-            f"  {row['iteration']:>4} {row['generator_version']:>3} {row['n_programs']:>8} {row['n_executable']:>10} "
-            f"{100 * row['executable_rate']:>5.0f}% {percent(row['mean_dev']):>6} {percent(row['median_dev']):>6} "
-            f"{', '.join(percent(s) for (s,) in top3):>17}"
-        )
-    lines += ["", "Inspect: coevo review; coevo sql -c \"select * from leaderboard limit 10\""]
-    return "\n".join(lines)
+    return found
+
+
+def _population(
+    shared: dict[str, Any], archive: Archive, runner: Runner, *, resume: bool
+) -> tuple[population.PopulationContext, dict[str, Any], list[tuple[str, Prompt]]]:
+    config: Config = shared["config"]
+    sid, prompts_dir = shared["session_id"], _prompts_dir(config)
+    writer = make_writer(config, sid)
+    judge_llm = make_llm(config.judge.llm) if config.judge.llm.model else None
+    tasks = config.tasks
+    novelty = make_novelty(
+        tasks.novelty, threshold=tasks.novelty_threshold, embedding_model=tasks.embedding_model,
+        judge_backend=getattr(writer, "backend", None) if tasks.llm_novelty_judge else None,
+        prompts_dir=prompts_dir, device=tasks.llm.device,
+    )
+    ctx = population.PopulationContext(
+        **shared, writer=writer, novelty=novelty,
+        llm_judge=LLMJudge(_need(judge_llm), prompts_dir=prompts_dir) if config.judge.scoring == "llm" else None,
+        gibberish=make_gibberish_filter(config.population.gibberish, judge_llm, prompts_dir=prompts_dir),
+        best_of_n=BestOfNPicker(_need(judge_llm), prompts_dir=prompts_dir) if config.judge.best_of_n == "llm" else None,
+        algorithms=_generated_algorithms(config, archive),
+    )
+    used: list[tuple[str, Prompt]] = [("task_writer", p) for p in getattr(writer, "prompts", {}).values()]
+    if getattr(novelty, "prompt", None) is not None:
+        used.append(("task_writer", novelty.prompt))  # type: ignore[attr-defined]
+    for role in (ctx.llm_judge, ctx.gibberish, ctx.best_of_n):
+        if getattr(role, "prompt", None) is not None:
+            used.append(("judge", role.prompt))  # type: ignore[union-attr]
+    if not resume:
+        p = config.population
+        say(f"[session] {sid}: {config.mode}, {p.generations} generations x {p.children} children, "
+            f"archive of {p.size}, crossover {p.crossover}, mutation {p.mutation}, selection {p.selection}, "
+            f"task writer {writer.name} ({'coevolving' if tasks.coevolve else 'static'} tasks)")
+    return ctx, {"generation": 0, "finished": False}, used
+
+
+def _need(backend: LLMBackend | None) -> LLMBackend:
+    if backend is None:  # the config's validation asks for judge.llm.model first
+        raise ConfigError("this judge setting needs judge.llm.model")
+    return backend
+

@@ -1,24 +1,10 @@
-"""coevo's weights layer: streaming safetensors I/O, compatibility checks, merge methods,
-and applying a merge function to a base model and its experts tensor by tensor."""
+"""coevo's weights layer; imports nothing else of coevo's.
 
-from merging.apply import MergeOutputInvalid, MergeStats, merge_models
-from merging.check import IncompatibleModels, check_compatible
-from merging.io import ModelDirError, ModelWeights, open_weights, share_readable, write_weights
-from merging.methods import METHODS, MergeFn, MethodSpec, make_merge_fn
+- `merging.contract`: the merge-program contract, stated once;
+- `merging.io`: safetensors I/O one tensor at a time (memory-mapped reads, atomic writes);
+- `merging.check`: compatibility checks of a base model and its experts, from headers;
+- `merging.methods`: the built-in merge methods (task arithmetic, TIES, DARE, Model Stock);
+- `merging.apply`: `merge_models`, a merge function applied tensor by tensor.
 
-__all__ = [
-    "METHODS",
-    "IncompatibleModels",
-    "MergeFn",
-    "MergeOutputInvalid",
-    "MergeStats",
-    "MethodSpec",
-    "ModelDirError",
-    "ModelWeights",
-    "check_compatible",
-    "make_merge_fn",
-    "merge_models",
-    "open_weights",
-    "share_readable",
-    "write_weights",
-]
+The package itself imports nothing, so reading the contract does not import torch.
+"""

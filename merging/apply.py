@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from merging.check import check_compatible
+from merging.contract import MergeFn
 from merging.io import ModelWeights, open_weights, write_weights
-from merging.methods import MergeFn
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ def merge_models(
     progress: bool = False,
     check_inputs_unmodified: bool = True,
 ) -> MergeStats:
-    """Write `base + merge_fn(task_vectors, name=..., base=...)` for every parameter to `out_dir`.
+    """Write `base + merge_fn(task_vectors, name=..., base=...)` (the contract of
+    `merging.contract`) for every parameter to `out_dir`.
 
     Task vectors (`expert - base`) and the base are given to `merge_fn` in float32; the result
     is cast back to the parameter's dtype. Non-floating tensors, and tensors whose name does not

@@ -2,9 +2,8 @@
 
 Each method is one function `fn(task_vectors, *, name, base, **params)` returning the merged
 task vector for parameter `name`; its parameters and defaults are its keyword-only
-arguments. `make_merge_fn` binds parameters and gives the plain contract
-
-    merge(task_vectors: list[torch.Tensor], *, name: str, base: torch.Tensor) -> torch.Tensor
+arguments. `make_merge_fn` binds parameters and gives the plain contract of
+`merging.contract`.
 """
 
 from __future__ import annotations
@@ -18,9 +17,11 @@ from typing import Any
 
 import torch
 
-MergeFn = Callable[..., torch.Tensor]
+from merging.contract import KEYWORD_ONLY, POSITIONAL, MergeFn
 
-_CONTRACT_ARGS = ("task_vectors", "name", "base")
+_CONTRACT_ARGS = (*POSITIONAL, *KEYWORD_ONLY)
+# A method: the contract's arguments plus its own keyword-only parameters with defaults.
+MethodFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class MethodSpec:
     """A registered merge method: its function, parameter defaults and one-line doc."""
 
     name: str
-    fn: MergeFn
+    fn: MethodFn
     defaults: dict[str, Any] = field(default_factory=dict)
     doc: str = ""
 
@@ -36,7 +37,7 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def _register(fn: MergeFn) -> MergeFn:
+def _register(fn: MethodFn) -> MethodFn:
     params = inspect.signature(fn).parameters.values()
     defaults = {
         p.name: p.default

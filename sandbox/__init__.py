@@ -1,31 +1,14 @@
-"""coevo: sandbox. Static policy for generated merge programs, and runners that execute them
-confined (`ProcessRunner` now, Docker later) with the harness in `sandbox.harness`."""
+"""coevo's sandbox: generated code (merge programs, task checkers) runs only in here.
 
-from sandbox.policy import PolicyVerdict, check_program, code_hash, normalise
-from sandbox.runner import (
-    VERDICTS,
-    MergeJob,
-    ProcessRunner,
-    Runner,
-    SandboxLimits,
-    SandboxResult,
-    SandboxUnavailable,
-    make_runner,
-    run_many,
-)
+- `sandbox.jobs`: what a runner runs and answers (`MergeJob`, `CheckJob`, results, verdicts,
+  the `Runner` protocol);
+- `sandbox.policy`: the static policy checked before anything runs;
+- `sandbox.runners`: `make_runner` / `runner_from_config` pick a runner; `run_many`;
+- `sandbox.docker_runner` (+ `docker_pool`): hardened containers with a warm pool;
+- `sandbox.process_runner`: the fallback without Docker (bubblewrap / unshare + rlimits);
+- in the sandbox: `sandbox.harness` (merge jobs), `sandbox.checker` (checker jobs),
+  `sandbox.restricted` (RestrictedPython and its guards), `sandbox.pool_worker`;
+- `sandbox.image`: the sandbox image; `sandbox.config`: `[sandbox]` settings; `sandbox.cli`.
 
-__all__ = [
-    "VERDICTS",
-    "MergeJob",
-    "PolicyVerdict",
-    "ProcessRunner",
-    "Runner",
-    "SandboxLimits",
-    "SandboxResult",
-    "SandboxUnavailable",
-    "check_program",
-    "code_hash",
-    "make_runner",
-    "normalise",
-    "run_many",
-]
+The package itself imports nothing: the container runs only its in-sandbox modules.
+"""

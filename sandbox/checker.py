@@ -34,19 +34,14 @@ import json
 import math
 import reprlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
-from RestrictedPython.Guards import (
-    full_write_guard,
-)
+from RestrictedPython.Guards import full_write_guard
 
-# Attribute access at call time only: the harness may import this module while it is itself
-# being imported, and under `python -m sandbox.harness` it is `__main__`, not `sandbox.harness`.
-import sandbox.harness as harness
+from sandbox.jobs import CHECK_KIND, one_line
 from sandbox.policy import CHECKER_POLICY, ProgramPolicy, check_checker
+from sandbox.restricted import BoundedPrint, classify, load_function, restricted_globals
 
-KIND = "check"
 # Per-case error messages are kept shorter than reasons: a job may have many cases.
 MAX_ERROR_CHARS = 240
 DEFAULT_MAX_BYTES = 16_000
@@ -69,89 +64,18 @@ _REPR.maxstring = 60
 _REPR.maxother = 60
 
 
-@dataclass
-class CheckJob:
-    """A checker and the (answer, instance) cases to score with it."""
-
-    source: str
-    cases: list[dict[str, Any]]
-
-    def validate(self) -> None:
-        """Raise `ValueError` (one-line message) unless every case is a str answer and a dict
-        instance of JSON values that survives a JSON round trip unchanged (no tuples, no
-        non-str keys, no NaN / infinity)."""
-        if not isinstance(self.source, str):
-            raise ValueError(f"source must be a str, got {type(self.source).__name__}")
-        if not isinstance(self.cases, list):
-            raise ValueError(f"cases must be a list, got {type(self.cases).__name__}")
-        for index, case in enumerate(self.cases):
-            if not isinstance(case, dict):
-                raise ValueError(f"case {index}: must be a dict, got {type(case).__name__}")
-            missing = sorted({"answer", "instance"} - case.keys())
-            if missing:
-                raise ValueError(f"case {index}: missing {', '.join(missing)}")
-            answer, instance = case["answer"], case["instance"]
-            if not isinstance(answer, str):
-                raise ValueError(f"case {index}: answer must be a str, got {type(answer).__name__}")
-            if not isinstance(instance, dict):
-                raise ValueError(
-                    f"case {index}: instance must be a dict, got {type(instance).__name__}"
-                )
-            try:
-                encoded = json.dumps(instance, allow_nan=False)
-            except (TypeError, ValueError, RecursionError) as err:
-                raise ValueError(
-                    f"case {index}: instance is not JSON-serialisable: {_one_line(str(err))}"
-                ) from None
-            if json.loads(encoded) != instance:
-                raise ValueError(
-                    f"case {index}: instance changes in a JSON round trip "
-                    "(tuples, non-str keys?); use plain JSON values"
-                )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The job as JSON-ready values, without `limits` (the runner adds them)."""
-        return {
-            "kind": KIND,
-            "source": self.source,
-            "cases": [
-                {"answer": case["answer"], "instance": case["instance"]} for case in self.cases
-            ],
-        }
-
-
-@dataclass
-class CheckResult:
-    """What happened to one check job: a verdict from `sandbox.runner.VERDICTS`, why, the
-    per-case scores and error messages (both None unless the verdict is `ok`), and the cost."""
-
-    verdict: str
-    reason: str
-    duration_s: float
-    peak_memory_mb: float
-    scores: list[float] | None = None
-    errors: list[str | None] | None = None
-    stdout: str = ""
-    stderr: str = ""
-    runner: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The result as JSON-ready values."""
-        return asdict(self)
-
-
 def run_check_job(job: dict[str, Any]) -> dict[str, Any]:
     """Score every case of a check job; runs inside the sandbox process, never raises for the
     checker. Returns `{"verdict", "reason", "scores", "errors"}`."""
     try:
-        if job.get("kind", KIND) != KIND:
-            raise ValueError(f"kind is {job.get('kind')!r}, not {KIND!r}")
+        if job.get("kind", CHECK_KIND) != CHECK_KIND:
+            raise ValueError(f"kind is {job.get('kind')!r}, not {CHECK_KIND!r}")
         limits = job.get("limits") or {}
         if not isinstance(limits, dict):
             raise ValueError(f"limits must be a dict, got {type(limits).__name__}")
         if "max_log_bytes" in limits:
-            # The harness sets this too, but on its own class when it runs as `__main__`.
-            harness.BoundedPrint.budget = int(limits["max_log_bytes"])
+            # The harness sets this too; the checker can also run without it (tests, tools).
+            BoundedPrint.budget = int(limits["max_log_bytes"])
         max_bytes = int(job.get("max_bytes") or DEFAULT_MAX_BYTES)
         source, answers, instances = _parse_job(job)
     except (TypeError, ValueError) as err:
@@ -163,7 +87,7 @@ def run_check_job(job: dict[str, Any]) -> dict[str, Any]:
     try:
         check = load_checker(source)
     except BaseException as err:  # the checker's top level ran and failed, SystemExit included
-        return _result(*harness._classify(err))
+        return _result(*classify(err))
 
     scores: list[float] = []
     errors: list[str | None] = []
@@ -172,7 +96,7 @@ def run_check_job(job: dict[str, Any]) -> dict[str, Any]:
         try:
             value = check(answer, instance)
         except BaseException as err:  # all the checker's, SystemExit included
-            name, reason = harness._classify(err)
+            name, reason = classify(err)
             if name == "memory_exceeded":
                 return _result(name, f"in check(case {index}): {reason}")
             scores.append(0.0)
@@ -188,12 +112,12 @@ def run_check_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def load_checker(source: str) -> Callable[..., Any]:
     """Execute the checker's top level under RestrictedPython and return its `check`."""
-    return harness.load_function(source, checker_globals(), "check", "checker")
+    return load_function(source, checker_globals(), CHECKER_POLICY.contract.function, "checker")
 
 
 def checker_globals(policy: ProgramPolicy = CHECKER_POLICY) -> dict[str, Any]:
     """The harness's restricted globals with `policy`'s guards and a torch-free write guard."""
-    return harness.restricted_globals(policy, checker_write, "checker")
+    return restricted_globals(policy, checker_write, "checker")
 
 
 def checker_write(obj: Any) -> Any:
@@ -251,7 +175,7 @@ def _score(value: Any) -> float | str:
 
 def _short_repr(value: Any) -> str:
     try:
-        return _one_line(_REPR.repr(value), 100)
+        return one_line(_REPR.repr(value), 100)
     except Exception:  # e.g. an int too long to print
         return f"<{type(value).__name__}>"
 
@@ -261,17 +185,8 @@ def _describe(err: BaseException, limit: int) -> str:
         message = str(err)
     except Exception:
         message = "<unprintable message>"
-    return _one_line(f"{type(err).__name__}: {message}" if message else type(err).__name__, limit)
-
-
-def _one_line(text: str, limit: int = harness.MAX_REASON_CHARS) -> str:
-    """`text` on one line (all whitespace runs, `\\r` and `\\u2028` too, become one space),
-    at most `limit` characters."""
-    line = " ".join(text[: limit * 4].split())  # bounded work for an enormous message
-    if len(text) > limit * 4 and len(line) <= limit:
-        return line[: limit - 15] + "... [truncated]"  # harness._truncate's marker
-    return harness._truncate(line, limit)
+    return one_line(f"{type(err).__name__}: {message}" if message else type(err).__name__, limit)
 
 
 def _result(verdict: str, reason: str) -> dict[str, Any]:
-    return {"verdict": verdict, "reason": _one_line(reason), "scores": None, "errors": None}
+    return {"verdict": verdict, "reason": one_line(reason), "scores": None, "errors": None}

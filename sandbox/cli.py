@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sandbox.checker import CheckJob
-from sandbox.runner import MergeJob, Runner, SandboxLimits, SandboxUnavailable, make_runner
+from merging.contract import SIGNATURE
+from sandbox.jobs import CheckJob, MergeJob, Runner, SandboxLimits, SandboxUnavailable
+from sandbox.runners import make_runner
 
 EXIT_USAGE = 2
 
@@ -33,8 +34,8 @@ def add_sandbox_parser(subparsers: Any) -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="apply one merge program to a base model and its experts, print the verdict",
-        description="Apply PROGRAM.py's merge(task_vectors, *, name, base) to the base model "
-        "and its experts in a sandbox and write the merged model to --out.",
+        description=f"Apply PROGRAM.py's `{SIGNATURE}` to the base model and its experts in "
+        "a sandbox and write the merged model to --out.",
     )
     run.add_argument("program", type=Path, metavar="PROGRAM.py", help="merge program source")
     run.add_argument("--base", type=Path, required=True, help="base model dir")
@@ -162,7 +163,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
     if args.out.exists() and not args.out.is_dir():
         return f"--out '{args.out}' exists and is not a directory"
     # Imported here: merging pulls in torch, which `coevo --help` should not pay for.
-    from merging import IncompatibleModels, ModelDirError, check_compatible
+    from merging.check import IncompatibleModels, check_compatible
+    from merging.io import ModelDirError
 
     try:
         check_compatible(args.base, list(args.experts))
@@ -225,7 +227,7 @@ def _read_check_args(args: argparse.Namespace) -> tuple[str, CheckJob | None]:
 
 def build_command(args: argparse.Namespace) -> int:
     """Handle `coevo sandbox build`; returns the exit code."""
-    from sandbox.docker_runner import docker_client
+    from sandbox.docker_pool import docker_client
     from sandbox.image import ImageError, build_image
 
     try:
@@ -245,9 +247,9 @@ def build_command(args: argparse.Namespace) -> int:
 
 def info_command(args: argparse.Namespace) -> int:
     """Handle `coevo sandbox info`: the Docker daemon, the image, the process fallback."""
-    from sandbox.docker_runner import docker_client
+    from sandbox.docker_pool import docker_client
     from sandbox.image import image_exists, image_tag
-    from sandbox.runner import ProcessRunner
+    from sandbox.process_runner import ProcessRunner
 
     tag = image_tag()
     try:

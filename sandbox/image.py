@@ -40,8 +40,12 @@ DEBIAN_MIRROR = os.environ.get("COEVO_DEBIAN_MIRROR", "http://deb.debian.org/deb
 CPU_TORCH_INDEX = os.environ.get("COEVO_TORCH_INDEX", "https://download.pytorch.org/whl/cpu")
 # What the harness imports, pinned to the host's versions.
 PACKAGES = ("torch", "numpy", "safetensors", "RestrictedPython", "tqdm")
-SOURCE_PACKAGES = ("sandbox", "merging")
-HOST_ONLY_MODULES = ("cli.py", "docker_runner.py", "image.py")
+# The modules that run inside the container: the harness, what it imports, and the pool worker.
+CONTAINER_MODULES = {
+    "sandbox": ("__init__.py", "checker.py", "harness.py", "jobs.py", "policy.py", "pool_worker.py",
+                "restricted.py"),
+    "merging": ("__init__.py", "apply.py", "check.py", "contract.py", "io.py", "methods.py"),
+}
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = Path(__file__).resolve().parent / "Dockerfile"
 
@@ -72,13 +76,8 @@ def requirements(gpu: bool = False) -> list[str]:
 
 def source_files() -> list[Path]:
     """The Python sources copied into the image (relative to SOURCE_ROOT): `merging` and the
-    in-container part of `sandbox`, not the host-side runner, image and CLI modules."""
-    return sorted(
-        path.relative_to(SOURCE_ROOT)
-        for package in SOURCE_PACKAGES
-        for path in (SOURCE_ROOT / package).glob("*.py")
-        if path.name not in HOST_ONLY_MODULES
-    )
+    in-container part of `sandbox`, not the host-side runners, image, config and CLI."""
+    return sorted(Path(package) / name for package, names in CONTAINER_MODULES.items() for name in names)
 
 
 def image_tag(gpu: bool = False) -> str:
@@ -140,21 +139,13 @@ def build_image(
     buildargs["BASE"] = base
     with tempfile.TemporaryDirectory(prefix="coevo-image-") as tmp:
         context = Path(tmp)
-        shutil.copy(DOCKERFILE, context / "Dockerfile")
-        (context / "wheels").mkdir()
-        (context / "wheels" / ".keep").touch()
         if offline:
-            wheelhouse = download_wheelhouse(reqs, log=log)
-            for wheel in wheelhouse.glob("*.whl"):
-                _link_or_copy(wheel, context / "wheels" / wheel.name)
+            write_context(context, reqs, download_wheelhouse(reqs, log=log))
             buildargs["PIP_ARGS"] = "--no-index --find-links /build/wheels"
-        elif not gpu and CPU_TORCH_INDEX:
-            buildargs["PIP_ARGS"] = f"--extra-index-url {CPU_TORCH_INDEX}"
-        (context / "requirements.txt").write_text("\n".join(reqs) + "\n")
-        for path in source_files():
-            target = context / "src" / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(SOURCE_ROOT / path, target)
+        else:
+            write_context(context, reqs)
+            if not gpu and CPU_TORCH_INDEX:
+                buildargs["PIP_ARGS"] = f"--extra-index-url {CPU_TORCH_INDEX}"
         log(f"building {tag} from {base}{' (offline, --network none)' if offline else ''}")
         try:
             stream = client.api.build(
@@ -179,6 +170,21 @@ def build_image(
     client.images.get(tag).tag(IMAGE_REPO, "latest-gpu" if gpu else "latest")
     log(f"built {tag}")
     return tag
+
+
+def write_context(context: Path, reqs: list[str], wheelhouse: Path | None = None) -> None:
+    """Fill the build context dir: the Dockerfile, `requirements.txt`, the wheels (offline
+    builds) and the in-container sources under `src/`."""
+    shutil.copy(DOCKERFILE, context / "Dockerfile")
+    (context / "wheels").mkdir()
+    (context / "wheels" / ".keep").touch()
+    for wheel in wheelhouse.glob("*.whl") if wheelhouse else ():
+        _link_or_copy(wheel, context / "wheels" / wheel.name)
+    (context / "requirements.txt").write_text("\n".join(reqs) + "\n")
+    for path in source_files():
+        target = context / "src" / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SOURCE_ROOT / path, target)
 
 
 def ensure_offline_base(client: Any, *, log: Log = print) -> str:

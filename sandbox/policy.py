@@ -18,8 +18,8 @@ rule id so the archive can count rejections by cause:
 - `banned_attr`: an attribute that leaves the tensor world (`torch.load`, `torch.utils`,
   `x.numpy`, generator frames, ...);
 - `statement`: `global`, `nonlocal`, classes, async code, generator functions;
-- `contract`: no top-level `def merge(task_vectors, *, name, base)`, or top-level code other
-  than imports, function definitions, constant assignments and docstrings;
+- `contract`: no top-level merge function with the signature of `merging.contract`, or
+  top-level code other than imports, function definitions, constant assignments and docstrings;
 - `restricted_python`: `RestrictedPython.compile_restricted` refuses the source.
 
 Task checkers (`check_checker`) follow the same rules with their own `ProgramPolicy`: the
@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from RestrictedPython import compile_restricted
+
+from merging import contract as merge_contract
 
 ALLOWED_MODULES = frozenset(
     (
@@ -78,7 +80,6 @@ BANNED_ATTRS = frozenset(
 _ATTR_BUILTINS = frozenset({"getattr", "setattr", "delattr", "hasattr"})
 # Attributes that look other attributes up from a runtime string (`'{0.__class__}'.format(x)`).
 _FORMAT_ATTRS = frozenset({"format", "format_map"})
-_CONTRACT = "def merge(task_vectors, *, name, base)"
 
 # Task checkers: text processing only.
 CHECKER_ALLOWED_MODULES = frozenset(
@@ -140,10 +141,10 @@ def _checker_from_import_banned(module: str, name: str) -> bool:
 MERGE_POLICY = ProgramPolicy(
     kind="merge program",
     contract=Contract(
-        function="merge",
-        positional=1,
-        keyword_only=frozenset({"name", "base"}),
-        signature=_CONTRACT,
+        function=merge_contract.FUNCTION,
+        positional=len(merge_contract.POSITIONAL),
+        keyword_only=frozenset(merge_contract.KEYWORD_ONLY),
+        signature=merge_contract.SIGNATURE,
     ),
     allowed_modules=ALLOWED_MODULES,
     banned_names=BANNED_NAMES,

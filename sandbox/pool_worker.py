@@ -28,20 +28,16 @@ from typing import Any
 # Everything a job needs is imported before the first fork (the point of a warm container).
 import torch
 
-import merging  # noqa: F401
+import merging.apply  # noqa: F401
+from merging import contract
 from sandbox import harness
 from sandbox.policy import check_program
-
-try:  # checker jobs (task-checker code) run in the same workers
-    from sandbox import checker  # noqa: F401
-except ImportError:  # pragma: no cover - older images without checkers
-    pass
 
 
 def main() -> int:
     """Serve jobs until stdin closes."""
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    check_program("def merge(task_vectors, *, name, base):\n    return base\n")  # warm caches
+    check_program(f"{contract.SIGNATURE}:\n    return base\n")  # warm caches
     # Replies go to a private copy of stdout; fd 1 points at /dev/null so stray writes
     # (warnings, a library printing) cannot corrupt the protocol.
     reply = os.fdopen(os.dup(1), "w", buffering=1)

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from coevo.zoo.tiny import perturbed_copy, save_tiny_llama
-from sandbox.runner import ProcessRunner, Runner, SandboxLimits
+from sandbox.jobs import Runner, SandboxLimits
+from sandbox.process_runner import ProcessRunner
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +39,7 @@ def require_docker() -> None:
 
     `.ci/run` sets COEVO_REQUIRE_DOCKER=1: there a missing daemon is a broken CI, not a skip.
     """
-    from sandbox.docker_runner import docker_problem
+    from sandbox.docker_pool import docker_problem
 
     problem = docker_problem()
     if problem is None:

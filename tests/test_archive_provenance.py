@@ -14,7 +14,8 @@ import pytest
 from test_archive import OK_RUNS, SESSION, fill
 
 from archive_store import SCHEMA_VERSION, VIEWS, Archive, ArchiveError, run_sql, snapshot_path
-from archive_store.store import SUMMARY_TABLES, migrations
+from archive_store.db import migrations
+from archive_store.summaries import SUMMARY_TABLES
 
 
 @pytest.fixture

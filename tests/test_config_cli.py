@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from agents.generator import extract_program, format_exemplars
+from agents.prompts import PromptError, load_prompt
+from agents.tasks import TaskFileError, load_tasks
 from coevo.config import ConfigError, load_config, parse_config
-from coevo.prompts import PromptError, extract_program, format_exemplars, load_prompt
-from coevo.tasks import TaskFileError, load_tasks
 
 
 def coevo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -187,9 +188,10 @@ def test_mode_defaults(mode: str, mutation: str, selection: str, coevolve: bool)
     [
         ({"mode": "acdc", "population": {"selection": "map_elites"}}, "map_elites is cycleqd"),
         ({"mode": "cycleqd", "population": {"selection": "dns"}}, "cycleqd mode selects with map_elites"),
-        ({"mode": "acdc", "tasks": {"writer": "llm"}}, "needs tasks.model"),
-        ({"judge": {"llm": True}}, "needs judge.llm_model"),
-        ({"mode": "acdc", "population": {"gibberish": "llm"}}, "needs judge.llm_model"),
+        ({"mode": "acdc", "tasks": {"writer": "llm"}}, "needs tasks.llm.model"),
+        ({"judge": {"llm": True}}, "needs judge.llm.model"),
+        ({"judge": {"scoring": "llm"}}, "needs judge.llm.model"),
+        ({"mode": "acdc", "population": {"gibberish": "llm"}}, "needs judge.llm.model"),
         ({"mode": "acdc", "population": {"mutation": "svd"}}, "population.mutation"),
         ({"mode": "evolve"}, "mode"),
     ],
@@ -210,3 +212,33 @@ def test_cli_mode_switch_keeps_explicit_settings(tmp_path: Path) -> None:
     assert printed["population"]["selection"] == "map_elites"  # the mode's default follows the mode
     assert printed["tasks"]["coevolve"] is False
     assert printed["population"]["generations"] == 3
+
+
+def test_renamed_keys_are_read_as_the_new_ones(tmp_path: Path) -> None:
+    """A config written for an earlier version keeps working: every renamed key lands on its
+    new one, and a note names the new key (also on the command line)."""
+    old = tmp_path / "old.toml"
+    old.write_text(
+        'mode = "acdc"\n'
+        '[generator]\nprompts_dir = "/my/prompts"\n'
+        '[tasks]\nwriter = "llm"\nbackend = "openai"\nmodel = "w"\nbase_url = "http://h:1/v1"\ndevice = "cuda"\n'
+        '[judge]\nllm = true\nllm_model = "j"\nllm_base_url = "http://h:2/v1"\nllm_api_key = "k"\n'
+    )
+    notes: list[str] = []
+    config = load_config(old, notes=notes)
+    assert config.prompts_dir == "/my/prompts"
+    assert (config.tasks.llm.backend, config.tasks.llm.model, config.tasks.llm.base_url, config.tasks.llm.device) == (
+        "openai", "w", "http://h:1/v1", "cuda")
+    assert config.judge.scoring == "llm"
+    assert (config.judge.llm.model, config.judge.llm.base_url, config.judge.llm.api_key) == ("j", "http://h:2/v1", "k")
+    assert config.judge.llm.backend == "openai"  # a base_url without a backend means a server
+    assert len(notes) == 9 and any("judge.llm_model is now judge.llm.model" in n for n in notes)
+    shown = subprocess.run([sys.executable, "-m", "coevo", "launch", str(old), "--print-config"],
+                           capture_output=True, text=True, check=True)
+    assert "[config]" in shown.stderr and "tasks.base_url is now tasks.llm.base_url" in shown.stderr
+    assert json.loads(shown.stdout)["judge"]["llm"]["model"] == "j"
+
+    both = tmp_path / "both.toml"
+    both.write_text('prompts_dir = "/a"\n[generator]\nprompts_dir = "/b"\n')
+    with pytest.raises(ConfigError, match="generator.prompts_dir .now prompts_dir. disagrees with prompts_dir"):
+        load_config(both)

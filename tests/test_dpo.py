@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from agents.dpo import DPOResult, DPOSettings, make_preference_pairs, train_dpo
+from agents.config import DPOConfig
+from agents.dpo import DPOResult, make_preference_pairs, train_dpo
 from coevo.zoo.tiny import save_tiny_llama
 
 PROMPT = "def merge(task_vectors, *, name, base):\n    "
@@ -153,7 +154,7 @@ def test_train_dpo_prefers_chosen(generator_dir: Path, tmp_path: Path, lora_rank
     pairs = _pairs()
     assert len(pairs) == 16
     out_dir = tmp_path / "gen1"
-    settings = DPOSettings(learning_rate=1e-3, epochs=2, batch_size=8, lora_rank=lora_rank)
+    settings = DPOConfig(learning_rate=1e-3, epochs=2, batch_size=8, lora_rank=lora_rank)
     result = train_dpo(generator_dir, pairs, out_dir, settings)
 
     assert isinstance(result, DPOResult)
@@ -172,9 +173,9 @@ def test_train_dpo_prefers_chosen(generator_dir: Path, tmp_path: Path, lora_rank
 
 def test_train_dpo_refuses_bad_calls(generator_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no preference pairs"):
-        train_dpo(generator_dir, [], tmp_path / "out", DPOSettings())
+        train_dpo(generator_dir, [], tmp_path / "out", DPOConfig())
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
-        train_dpo(generator_dir, _pairs(), tmp_path / "exists", DPOSettings())
+        train_dpo(generator_dir, _pairs(), tmp_path / "exists", DPOConfig())
     with pytest.raises(ValueError, match="lora_rank must be >= 0"):
-        DPOSettings(lora_rank=-1)
+        DPOConfig(lora_rank=-1)

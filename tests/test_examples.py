@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from coevo.config import ConfigError, load_config
-from coevo.population import make_writer
+from coevo.session import make_writer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
@@ -31,11 +31,13 @@ def served() -> dict[int, str]:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_configs_validate_and_match_compose(path: Path) -> None:
-    config = load_config(path)
+    notes: list[str] = []
+    config = load_config(path, notes=notes)
+    assert notes == []  # the examples use the current keys
     servers = served()
     endpoints = [(config.generator.base_url, config.generator.model)]
     if config.mode != "selfdev":
-        endpoints += [(config.tasks.base_url, config.tasks.model), (config.judge.llm_base_url, config.judge.llm_model)]
+        endpoints += [(config.tasks.llm.base_url, config.tasks.llm.model), (config.judge.llm.base_url, config.judge.llm.model)]
     for url, model in endpoints:
         if url:
             assert servers[urlparse(url).port] == model, (url, model)

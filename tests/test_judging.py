@@ -15,7 +15,7 @@ import pytest
 from openai_stub import completions_server
 
 from agents.backends import OpenAIBackend
-from agents.judging import (
+from agents.judge import (
     UNPARSABLE_REPLIES,
     GibberishFilter,
     GibberishVerdict,
@@ -27,9 +27,9 @@ from agents.judging import (
     pick_best_of_n,
     score_with_checker,
 )
-from coevo.prompts import DEFAULT_PROMPTS_DIR, list_prompts, load_prompt
-from sandbox.checker import CheckJob, CheckResult
-from sandbox.runner import ProcessRunner, SandboxLimits
+from agents.prompts import DEFAULT_PROMPTS_DIR, list_prompts, load_prompt
+from sandbox.jobs import CheckJob, CheckResult, SandboxLimits
+from sandbox.process_runner import ProcessRunner
 
 # --- checkers in the process sandbox -----------------------------------------------------------
 

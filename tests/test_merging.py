@@ -15,18 +15,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from coevo.zoo.tiny import CHARSET, char_tokenizer, save_tiny_llama
-from merging import (
-    METHODS,
-    IncompatibleModels,
-    MergeFn,
-    MergeOutputInvalid,
-    ModelDirError,
-    check_compatible,
-    make_merge_fn,
-    merge_models,
-    open_weights,
-    write_weights,
-)
+from merging.apply import MergeOutputInvalid, merge_models
+from merging.check import IncompatibleModels, check_compatible
+from merging.contract import MergeFn
+from merging.io import ModelDirError, open_weights, write_weights
+from merging.methods import METHODS, make_merge_fn
 
 NUM_TENSORS = 21  # tiny Llama, 2 layers, untied embeddings
 FIRST = "lm_head.weight"  # first tensor name in sorted order

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agents.metrics import best_of_n, coverage, coverage_curve, greedy_team, solved_sets
+from agents.metrics import best_of_n, best_of_n_score, coverage, coverage_curve, greedy_team, solved_sets
 
 TASKS = {f"t{i}" for i in range(1, 9)}
 # Two strong models that solve the same tasks, and a weaker one that solves the rest.
@@ -106,3 +106,13 @@ def test_best_of_n_uses_pick_callback() -> None:
         best_of_n(ANSWERS, ["m1", "m2"], pick=lambda task_id, candidates: 2)
     with pytest.raises(ValueError, match="has no answers"):
         best_of_n(ANSWERS, ["ghost"])
+
+
+def test_best_of_n_score_credits_the_member_who_wrote_the_picked_answer() -> None:
+    answers = {"a": {"t1": "4", "t2": "x"}, "b": {"t1": "5", "t2": "y"}, "c": {"t1": "4", "t2": "y "}}
+    scores = {"a": {"t1": 1.0, "t2": 0.0}, "b": {"t1": 0.0, "t2": 1.0}, "c": {"t1": 0.5, "t2": 1.0}}
+    # t1: majority "4" (a and c): the best of their scores, 1.0; t2: majority "y" (b, c): 1.0;
+    # t3 (nobody answered it): 0.
+    assert best_of_n_score(answers, ["a", "b", "c"], scores, ["t1", "t2", "t3"]) == pytest.approx(2 / 3)
+    # An LLM picking the first candidate takes a's answers: 1.0 on t1, 0.0 on t2.
+    assert best_of_n_score(answers, ["a", "b", "c"], scores, ["t1", "t2"], lambda t, c: 0) == 0.5

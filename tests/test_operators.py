@@ -24,9 +24,11 @@ from agents.operators import (
 )
 from merging.apply import MergeOutputInvalid, merge_models
 from merging.io import open_weights
-from sandbox.harness import load_function, load_program, restricted_globals
+from sandbox.harness import load_program
+from sandbox.jobs import MergeJob
 from sandbox.policy import check_program
-from sandbox.runner import MergeJob, ProcessRunner
+from sandbox.process_runner import ProcessRunner
+from sandbox.restricted import load_function, restricted_globals
 
 # A merge program as an LLM writes one: helpers, constants, comments, docstrings.
 TIES_LIKE = '''"""TIES-style merge: trim small entries, elect a sign per entry, average the agreeing."""

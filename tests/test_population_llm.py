@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -111,3 +112,46 @@ def test_acdc_with_llm_roles(tmp_path: Path, zoo_dir: Path, server: tuple[str, S
         )
         assert mismatched == 0
         assert archive.scalar("select count(*) from generation_metrics") == 3
+
+
+def test_every_llm_role_uses_the_session_prompts_dir(tmp_path: Path, zoo_dir: Path) -> None:
+    """One prompts dir (`prompts_dir`, current config keys) serves every LLM role: the task
+    writer, the judge, the gibberish filter and the best-of-N picker all send prompts rendered
+    from the edited templates, and the archive holds exactly those templates."""
+    from agents.prompts import DEFAULT_PROMPTS_DIR, load_prompt
+
+    edited = ("judge", "gibberish", "best_of_n", "task_writer", "task_writer_harder", "task_writer_novel")
+    prompts = tmp_path / "prompts"
+    shutil.copytree(DEFAULT_PROMPTS_DIR, prompts)
+    for name in edited:
+        path = prompts / f"{name}.md"
+        path.write_text(path.read_text().rstrip("\n") + f"\nCUSTOM TEMPLATE {name}\n")
+    script, requests = Scripted(), []
+    with completions_server(script.reply, requests=requests) as url:
+        config = tmp_path / "c.toml"
+        config.write_text(
+            f'mode = "acdc"\nseed = 2\nprompts_dir = "{prompts}"\n[zoo]\ndir = "{zoo_dir}"\n'
+            "[population]\ngenerations = 1\nchildren = 2\nsize = 4\ngibberish = \"llm\"\n"
+            '[tasks]\nwriter = "llm"\nadapt_every = 1\nnew_per_round = 1\ninstances = 4\n'
+            f'[tasks.llm]\nmodel = "scripted"\nbase_url = "{url}"\n'
+            '[judge]\nscoring = "llm"\nbest_of_n = "llm"\n'
+            f'[judge.llm]\nmodel = "scripted"\nbase_url = "{url}"\n'
+            '[sandbox]\nrunner = "process"\n'
+        )
+        workdir = tmp_path / "w"
+        done = subprocess.run([sys.executable, "-m", "coevo", "launch", str(config), "--workdir", str(workdir)],
+                              capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[config]" not in done.stdout + done.stderr  # no renamed keys in this config
+    sent = [p for r in requests for p in (r["prompt"] if isinstance(r["prompt"], list) else [r["prompt"]])]
+    for name in ("judge", "gibberish", "best_of_n", "task_writer"):
+        assert any(f"CUSTOM TEMPLATE {name}" in p for p in sent), name
+    assert any("CUSTOM TEMPLATE task_writer_harder" in p or "CUSTOM TEMPLATE task_writer_novel" in p for p in sent)
+    custom = {name: load_prompt(name, prompts).hash for name in edited}
+    default = {name: load_prompt(name).hash for name in edited}
+    with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
+        archived = dict(archive.query("select prompt_hash, name from prompts where role in ('judge', 'task_writer')")[1])
+        assert archived == {h: n for n, h in custom.items()}
+        assert not set(default.values()) & {r[0] for r in archive.query("select prompt_hash from prompts")[1]}
+        family_hashes = {r[0] for r in archive.query("select prompt_hash from task_families")[1]}
+        assert family_hashes <= {custom["task_writer"], custom["task_writer_harder"], custom["task_writer_novel"]}

@@ -9,13 +9,8 @@ from typing import Any
 import pytest
 
 from sandbox import harness
-from sandbox.checker import (
-    MAX_ERROR_CHARS,
-    CheckJob,
-    CheckResult,
-    load_checker,
-    run_check_job,
-)
+from sandbox.checker import MAX_ERROR_CHARS, load_checker, run_check_job
+from sandbox.jobs import CheckJob, CheckResult
 from sandbox.policy import check_checker, check_program
 
 NUMBER_CHECKER = '''"""Score 1 when the last number in the answer is the instance's target."""

@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from sandbox.checker import CheckJob
 from sandbox.cli import add_sandbox_parser
-from sandbox.runner import MergeJob, SandboxLimits
+from sandbox.jobs import CheckJob, MergeJob, SandboxLimits
 
 pytestmark = pytest.mark.docker
 
@@ -79,7 +78,7 @@ def _job(tiny_models: dict, source: str, out: Path) -> MergeJob:
 
 
 def _sandbox_containers(runner: Any) -> list[Any]:
-    from sandbox.docker_runner import LABEL
+    from sandbox.docker_pool import LABEL
 
     return [
         c
@@ -235,7 +234,7 @@ def _mean_merged(base: Path, experts: list[Path], out: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
-    from merging import merge_models
+    from merging.apply import merge_models
 
     merge_models(lambda tvs, *, name, base: torch.stack(tvs).mean(dim=0), base, experts, out)
     return load_file(out / "model.safetensors")
@@ -438,7 +437,8 @@ def test_cli_run_and_check_with_docker(
 
 
 def test_stale_containers_of_dead_sessions_are_removed(docker_ready: None) -> None:
-    from sandbox.docker_runner import LABEL, _remove_stale_containers
+    from sandbox.docker_pool import LABEL
+    from sandbox.docker_pool import remove_stale_containers as _remove_stale_containers
 
     runner = _runner(pool_size=1)
     try:

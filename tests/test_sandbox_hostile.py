@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
+from sandbox.jobs import VERDICTS, MergeJob, Runner, SandboxResult
 from sandbox.policy import check_program
-from sandbox.runner import VERDICTS, MergeJob, Runner, SandboxResult
 
 # Few distinct limit combinations: each one is a separate warm pool for the Docker runner.
 DEFAULT: dict[str, Any] = {"timeout_s": 20, "memory_mb": 1024}

@@ -15,17 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from coevo.zoo.tiny import save_tiny_llama
 from sandbox.cli import add_sandbox_parser
-from sandbox.runner import (
-    VERDICTS,
-    MergeJob,
-    ProcessRunner,
-    SandboxLimits,
-    SandboxResult,
-    SandboxUnavailable,
-    make_runner,
-    network_prefix,
-    run_many,
-)
+from sandbox.jobs import VERDICTS, MergeJob, SandboxLimits, SandboxResult, SandboxUnavailable
+from sandbox.process_runner import ProcessRunner, network_prefix
+from sandbox.runners import make_runner, run_many
 
 HEADER = "import torch\n\n\ndef merge(task_vectors, *, name, base):\n"
 MEAN = HEADER + "    return torch.stack(task_vectors).mean(dim=0)\n"
@@ -155,7 +147,7 @@ def test_environment_is_scrubbed(
     tiny_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The program cannot read the environment itself, so check what a child is given.
-    from sandbox.runner import _child_env
+    from sandbox.process_runner import _child_env
 
     monkeypatch.setenv("HF_TOKEN", "secret")
     env = _child_env(tmp_path)

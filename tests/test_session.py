@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,7 +77,7 @@ def check_complete(workdir: Path) -> None:
 
 def test_session_end_to_end(tmp_path: Path, zoo_dir: Path) -> None:
     """The default runner ("auto") is Docker wherever a daemon and the image are there (CI)."""
-    from sandbox.docker_runner import docker_problem
+    from sandbox.docker_pool import docker_problem
 
     expected = "docker" if docker_problem() is None else "process"
     if expected == "process" and os.environ.get("COEVO_REQUIRE_DOCKER") == "1":
@@ -143,3 +144,138 @@ def test_sigkill_in_iteration_two_then_resume(tmp_path: Path, zoo_dir: Path) -> 
     after = counts(workdir)
     assert after["algorithms"] == before["algorithms"]
     assert after["sandbox_runs"] >= before["sandbox_runs"]
+
+
+# ----------------------------------------------------------------------------- session lifecycle
+
+
+def read_until(proc: subprocess.Popen[str], marker: str, seen: list[str], timeout: float = 900) -> str:
+    """Lines of a running launch until one containing `marker` (returned)."""
+    assert proc.stdout is not None
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            return line
+        assert time.time() < deadline, "".join(seen)
+    raise AssertionError(f"{marker!r} never printed:\n{''.join(seen)}")
+
+
+def session_rows(workdir: Path) -> dict[str, str]:
+    """session id -> status."""
+    with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
+        return dict(archive.query("select session_id, status from sessions")[1])
+
+
+def test_second_launch_in_a_busy_workdir_fails_at_once(tmp_path: Path, zoo_dir: Path) -> None:
+    """Two launches in one workdir: the second exits at once naming the running session and
+    its pid; the first finishes untouched. A SIGKILLed session leaves no stale lock."""
+    config = write_config(tmp_path / "c.toml", zoo_dir)
+    workdir = tmp_path / "w"
+    first = launch(str(config), "--workdir", str(workdir))
+    seen: list[str] = []
+    line = read_until(first, "iterations x", seen)  # "[session] <id>: 2 iterations x ..."
+    session_id = line.split("]", 1)[1].split(":", 1)[0].strip()
+    started = time.time()
+    second = subprocess.run([sys.executable, "-m", "coevo", "launch", str(config), "--workdir", str(workdir)],
+                            capture_output=True, text=True, timeout=120)
+    assert time.time() - started < 30
+    assert second.returncode == 2
+    error = second.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: workdir"), second.stderr
+    assert session_id in error[0] and f"pid {first.pid}" in error[0]
+    assert "Traceback" not in second.stderr
+    resume = subprocess.run([sys.executable, "-m", "coevo", "launch", "--resume", "--workdir", str(workdir)],
+                            capture_output=True, text=True, timeout=120)
+    assert resume.returncode == 2 and session_id in resume.stderr  # a running session is not resumed twice
+    output, _ = first.communicate(timeout=1200)
+    assert first.returncode == 0, "".join(seen) + output
+    check_complete(workdir)
+
+    # SIGKILL: the kernel drops the lock with the process; the next launch resumes at once.
+    again = launch(str(config), "--workdir", str(tmp_path / "w2"))
+    read_until(again, "vetted:", [])
+    os.killpg(again.pid, signal.SIGKILL)
+    again.wait()
+    resumed = launch("--resume", "--workdir", str(tmp_path / "w2"))
+    output, _ = resumed.communicate(timeout=1200)
+    assert resumed.returncode == 0, output
+    check_complete(tmp_path / "w2")
+
+
+def test_resume_an_older_unfinished_session_by_id(tmp_path: Path, zoo_dir: Path) -> None:
+    """Two killed sessions in one workdir: `--resume` takes the latest unfinished one,
+    `--resume ID` the one named; a finished or unknown id is refused in one line."""
+    config = write_config(tmp_path / "c.toml", zoo_dir)
+    workdir = tmp_path / "w"
+    ids = []
+    for _ in range(2):
+        proc = launch(str(config), "--workdir", str(workdir))
+        seen: list[str] = []
+        line = read_until(proc, "iterations x", seen)
+        ids.append(line.split("]", 1)[1].split(":", 1)[0].strip())
+        read_until(proc, "vetted:", seen)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    older, newer = ids
+    assert session_rows(workdir) == {older: "running", newer: "running"}
+
+    latest = launch("--resume", "--workdir", str(workdir))
+    output, _ = latest.communicate(timeout=1200)
+    assert latest.returncode == 0 and f"resuming {newer}" in output, output
+    assert session_rows(workdir) == {older: "running", newer: "finished"}
+
+    named = launch("--resume", older, "--workdir", str(workdir))
+    output, _ = named.communicate(timeout=1200)
+    assert named.returncode == 0 and f"resuming {older}" in output, output
+    assert session_rows(workdir) == {older: "finished", newer: "finished"}
+    with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
+        for sid in ids:  # each finished with all its programs, each run once
+            assert archive.scalar("select count(*) from algorithms where session_id = ?", [sid]) == ITERATIONS * PROGRAMS
+            runs = archive.query(
+                "select count(*), count(distinct algorithm_id) from sandbox_runs r join algorithms a using (algorithm_id) "
+                "where a.session_id = ?", [sid])[1][0]
+            assert runs[0] == runs[1]
+
+    for which, message in ((older, "already finished"), ("no-such-session", "no session 'no-such-session'")):
+        done = subprocess.run([sys.executable, "-m", "coevo", "launch", "--resume", which, "--workdir", str(workdir)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_failing_node_stops_the_session_and_resume_continues_there(tmp_path: Path, zoo_dir: Path) -> None:
+    """A generator template that cannot be rendered fails the `propose` node: one line names
+    the session, the node and the error, the traceback goes to a log in the workdir, the
+    session is marked stopped; once the template is fixed, `--resume` continues from there."""
+    from agents.prompts import DEFAULT_PROMPTS_DIR
+
+    prompts = tmp_path / "prompts"
+    shutil.copytree(DEFAULT_PROMPTS_DIR, prompts)
+    template = prompts / "generator.md"
+    good = template.read_text()
+    template.write_text(good.replace("## New algorithm", "## New algorithm ($oops)"))
+    config = write_config(tmp_path / "c.toml", zoo_dir)
+    config.write_text(f'prompts_dir = "{prompts}"\n' + config.read_text())
+    workdir = tmp_path / "w"
+    failed = subprocess.run([sys.executable, "-m", "coevo", "launch", str(config), "--workdir", str(workdir)],
+                            capture_output=True, text=True, timeout=1200)
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    (line,) = [x for x in failed.stderr.splitlines() if x.startswith("error:")]
+    (session_id, status), = session_rows(workdir).items()
+    assert status == "stopped"
+    assert f"session {session_id} stopped in node 'propose'" in line and "oops" in line
+    assert "Traceback" not in failed.stderr
+    log = workdir / "logs" / f"{session_id}.log"
+    assert str(log) in line and "Traceback" in log.read_text() and "PromptError" in log.read_text()
+
+    template.write_text(good)
+    resumed = launch("--resume", "--workdir", str(workdir))
+    output, _ = resumed.communicate(timeout=1200)
+    assert resumed.returncode == 0, output
+    assert f"resuming {session_id} (stopped)" in output
+    check_complete(workdir)
+    with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
+        # the baselines ran once, before the failure; nothing was redone on resume
+        assert archive.scalar("select count(*) from graph_steps where step = 'baselines'") == 1
+        assert archive.scalar("select count(*) from evaluations") == archive.scalar(
+            "select count(distinct (model_id, task_id, judge)) from evaluations")

@@ -24,24 +24,14 @@ from agents.novelty import (
     LLMNoveltyJudge,
     make_novelty,
 )
-from agents.task_writer import (
-    LLMTaskWriter,
-    ProceduralTaskWriter,
-    Rejection,
-    TaskFamily,
-    adapt,
-    adaptation_action,
-    families_from_tasks,
-    procedural_family,
-    seed_pool,
-    validate,
-)
-from coevo.tasks import Task
+from agents.task_writer import LLMTaskWriter, adapt, adaptation_action, seed_pool, validate
+from agents.tasks import Rejection, Task, TaskFamily, families_from_tasks
 from coevo.zoo.skills import LETTERS
+from coevo.zoo.task_families import ProceduralTaskWriter, procedural_family
 from coevo.zoo.tiny import save_tiny_llama
-from sandbox.checker import CheckJob
+from sandbox.jobs import CheckJob, SandboxLimits
 from sandbox.policy import check_checker
-from sandbox.runner import ProcessRunner, SandboxLimits
+from sandbox.process_runner import ProcessRunner
 
 FORMATS = {
     "upper": r"up [a-z]+=",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from coevo.tasks import load_tasks
+from agents.tasks import load_tasks
 from coevo.zoo.build import zoo_checks, zoo_manifest
 from coevo.zoo.programs import random_program
 from coevo.zoo.skills import SKILLS, make_tasks

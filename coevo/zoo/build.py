@@ -18,11 +18,14 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from agents.judge import Judge, mean_score
-from coevo.baselines import baseline_merge
-from coevo.prompts import FENCE, extract_program, format_exemplars, load_prompt
-from coevo.tasks import Task, load_tasks, save_tasks
-from coevo.ui import progress, say
+from agents.answerer import Answerer
+from agents.baselines import baseline_merge
+from agents.console import progress, say
+from agents.generator import FENCE, extract_program, format_exemplars
+from agents.judge import exact_scores, mean_score
+from agents.loop import run_merge_jobs
+from agents.prompts import load_prompt
+from agents.tasks import Task, load_tasks, save_tasks
 from coevo.zoo.generator import build_generator
 from coevo.zoo.skills import SKILLS, base_example, make_tasks
 from coevo.zoo.tiny import char_tokenizer, tiny_llama_config
@@ -66,8 +69,9 @@ def ensure_zoo(zoo_dir: Path, *, seed: int, runner_kind: str = "auto") -> Path:
     return Path(zoo_dir)
 
 
-def _skill_scores(judge: Judge, model_dir: Path, tasks: list[Task]) -> dict[str, float]:
-    scored = {s.task_id: s for s in judge.score(model_dir, tasks)}
+def _skill_scores(answerer: Answerer, model_dir: Path, tasks: list[Task]) -> dict[str, float]:
+    answers = answerer.answer(model_dir, [t.prompt for t in tasks])
+    scored = {s.task_id: s for s in exact_scores(tasks, answers)}
     per_skill = {
         skill: mean_score([scored[t.task_id] for t in tasks if t.skill == skill]) for skill in SKILLS
     }
@@ -124,23 +128,24 @@ def measure_zoo(zoo_dir: Path, *, runner_kind: str = "auto") -> dict:
     tasks = [t for t in all_tasks if t.split == "test"]
     dev = [t for t in all_tasks if t.split == "dev"]
     experts = [zoo_dir / "experts" / skill for skill in SKILLS]
-    judge = Judge(zoo_dir / "base", max_new_tokens=8)
-    scores: dict[str, dict[str, float]] = {"base": _skill_scores(judge, zoo_dir / "base", tasks)}
+    answerer = Answerer(zoo_dir / "base", max_new_tokens=8)
+    scores: dict[str, dict[str, float]] = {"base": _skill_scores(answerer, zoo_dir / "base", tasks)}
     for skill, path in zip(SKILLS, experts, strict=True):
-        scores[f"expert:{skill}"] = _skill_scores(judge, path, tasks)
+        scores[f"expert:{skill}"] = _skill_scores(answerer, path, tasks)
     params = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in MERGE_METHODS:
             out = Path(tmp) / method
-            params[method] = baseline_merge(method, zoo_dir / "base", experts, out, judge=judge, dev_tasks=dev)
-            scores[f"merge:{method}"] = _skill_scores(judge, out, tasks)
+            params[method] = baseline_merge(method, zoo_dir / "base", experts, out, answerer=answerer, dev_tasks=dev)
+            scores[f"merge:{method}"] = _skill_scores(answerer, out, tasks)
         generator = _check_generator(zoo_dir, experts, Path(tmp), runner_kind)
     return {"scores": scores, "merge_params": params, "generator": generator}
 
 
 def _check_generator(zoo_dir: Path, experts: list[Path], tmp: Path, runner_kind: str) -> dict:
     from agents.backends import TransformersBackend
-    from sandbox.runner import MergeJob, SandboxLimits, make_runner, run_many
+    from sandbox.jobs import MergeJob, SandboxLimits
+    from sandbox.runners import make_runner
 
     backend = TransformersBackend(zoo_dir / "generator")
     prompt = load_prompt("generator").render(n_experts=len(experts), exemplars=format_exemplars([]))
@@ -153,12 +158,8 @@ def _check_generator(zoo_dir: Path, experts: list[Path], tmp: Path, runner_kind:
         MergeJob(source=extract_program(c), base_dir=zoo_dir / "base", expert_dirs=experts, out_dir=tmp / f"gen{i}")
         for i, c in enumerate(completions)
     ]
-    results = []
     try:
-        with progress(f"generator check ({runner.description})", len(jobs)) as advance:
-            for start in range(0, len(jobs), 4):
-                results += run_many(runner, jobs[start : start + 4], workers=2)
-                advance(len(jobs[start : start + 4]))
+        results = run_merge_jobs(runner, jobs, workers=2, label=f"generator check ({runner.description})")
     finally:
         runner.close()
     verdicts: dict[str, int] = {}

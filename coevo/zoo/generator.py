@@ -8,7 +8,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from coevo.prompts import Prompt, completion_text, format_exemplars
+from agents.generator import completion_text, format_exemplars
+from agents.prompts import Prompt
 from coevo.zoo.programs import random_program
 from coevo.zoo.tiny import SPECIAL_TOKENS, tiny_llama_config, wrap_tokenizer
 from coevo.zoo.train import encode_pairs, train_lm

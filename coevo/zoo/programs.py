@@ -1,9 +1,9 @@
 """A grammar of merge programs composed from merge primitives: the seed generator's corpus.
 
-Every program follows the contract of DESIGN.md (`merge(task_vectors, *, name, base)`), works
-for tensors of any rank, and is built from the ideas the Self-Developing paper found in its
-best algorithms (weighted sums, sign consensus, magnitude trimming, norm / cosine weighting,
-sorting by norm, iterative pairwise merging, element-wise products).
+Every program follows the merge contract (`merging.contract`), works for tensors of any rank,
+and is built from the ideas the Self-Developing paper found in its best algorithms (weighted
+sums, sign consensus, magnitude trimming, norm / cosine weighting, sorting by norm, iterative
+pairwise merging, element-wise products).
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-HEADER = "import torch\n\n\ndef merge(task_vectors, *, name, base):\n"
+from merging import contract
+
+HEADER = contract.PROGRAM_HEADER
 
 
 def _c(rng: random.Random, lo: float, hi: float) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from coevo.tasks import Task
+from agents.tasks import Task
 
 LETTERS = "abcdefghij"
 

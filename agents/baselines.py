@@ -10,9 +10,11 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from agents.judge import Judge, mean_score
-from coevo.tasks import Task
-from merging import make_merge_fn, merge_models
+from agents.answerer import Answerer
+from agents.judge import exact_scores, mean_score
+from agents.tasks import Task
+from merging.apply import merge_models
+from merging.methods import make_merge_fn
 
 TA_SCALES = (0.3, 0.5, 0.7, 1.0)
 
@@ -23,7 +25,7 @@ def baseline_merge(
     expert_dirs: list[Path],
     out_dir: Path,
     *,
-    judge: Judge,
+    answerer: Answerer,
     dev_tasks: Sequence[Task],
     include: str | None = None,
 ) -> dict[str, float]:
@@ -35,7 +37,8 @@ def baseline_merge(
     for scale in TA_SCALES:
         candidate = out_dir.with_name(f"{out_dir.name}.scale{scale}")
         merge_models(make_merge_fn(method, scale=scale), base_dir, expert_dirs, candidate, include=include)
-        score = mean_score(judge.score(candidate, dev_tasks))
+        answers = answerer.answer(candidate, [t.prompt for t in dev_tasks])
+        score = mean_score(exact_scores(dev_tasks, answers))
         if best is None or score > best[0]:
             best = (score, scale)
             if out_dir.exists():

@@ -1,13 +1,11 @@
-"""Sandbox runners: run one generated merge program against real models, confined, and
-return a verdict.
+"""The process sandbox: a fresh confined `python -m sandbox.harness` process per job.
 
-A `Runner` takes a `MergeJob` (program source + model dirs, all serialisable) and returns a
-`SandboxResult`; it never raises for anything the program does. `ProcessRunner` is the
-fallback that works everywhere: a fresh `python -m sandbox.harness` process per job, in its
-own process group and (when the OS allows) its own network namespace, with a scrubbed
-environment, rlimits (applied by the harness, see `sandbox.harness.apply_limits`), a wall-clock
-kill and a memory watchdog enforced from outside. A Docker runner can slot in behind the same
-protocol: it runs the same harness on the same job file.
+The fallback that works everywhere (`runner = "process"`, or "auto" without a Docker daemon):
+the job runs in its own process group under bubblewrap when it is installed (no network, own
+pid / ipc / uts namespaces, a read-only view of the host, two writable dirs), otherwise in a
+network namespace (`unshare`) when the OS allows one; always with a scrubbed environment,
+rlimits (applied by the harness, see `sandbox.harness.apply_limits`), a wall-clock kill and a
+memory watchdog enforced from outside. It says loudly, once, what it lacks next to Docker.
 """
 
 from __future__ import annotations
@@ -22,126 +20,36 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any
 
-from sandbox.policy import PolicyVerdict, check_checker, check_program
-
-if TYPE_CHECKING:  # imported lazily: the harness module, run as __main__, must not be imported
-    from sandbox.checker import CheckJob, CheckResult
+from sandbox.jobs import (
+    LOG_FLOOD_FACTOR,
+    CheckJob,
+    CheckResult,
+    MergeJob,
+    SandboxLimits,
+    SandboxResult,
+    check_result,
+    file_size,
+    merge_result,
+    read_result,
+    rejected,
+    tail,
+    unrun,
+)
+from sandbox.policy import check_checker, check_program
 
 log = logging.getLogger("coevo.sandbox")
-_R = TypeVar("_R", "SandboxResult", "CheckResult")
-
-VERDICTS = (
-    "ok",
-    "rejected_by_policy",
-    "runtime_error",
-    "timeout",
-    "memory_exceeded",
-    "output_invalid",
-    "sandbox_error",
-)
 
 # The dir holding the `sandbox` and `merging` packages, put on the child's PYTHONPATH.
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
-MIB = 1024 * 1024
 POLL_S = 0.05
-# Logs past this many times max_log_bytes mean something writes around the bounded print.
-LOG_FLOOD_FACTOR = 100
 
 _warned: set[str] = set()
 _warn_lock = threading.Lock()
-
-
-class SandboxUnavailable(RuntimeError):
-    """The requested sandbox runner cannot be used on this machine."""
-
-
-@dataclass
-class SandboxLimits:
-    """Resource limits for one sandboxed job."""
-
-    timeout_s: float = 60.0
-    memory_mb: int = 2048
-    max_output_mb: int = 1024
-    max_log_bytes: int = 64_000
-    max_processes: int = 64
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if value <= 0:
-                raise ValueError(f"SandboxLimits.{name} must be positive, got {value}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The limits as JSON-ready values."""
-        return asdict(self)
-
-
-@dataclass
-class MergeJob:
-    """One program to apply to a base model and its experts, writing `out_dir`."""
-
-    source: str
-    base_dir: Path
-    expert_dirs: list[Path]
-    out_dir: Path
-    include: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The job as JSON-ready values (absolute paths)."""
-        return {
-            "source": self.source,
-            "base_dir": str(Path(self.base_dir).resolve()),
-            "expert_dirs": [str(Path(d).resolve()) for d in self.expert_dirs],
-            "out_dir": str(Path(self.out_dir).resolve()),
-            "include": self.include,
-        }
-
-
-@dataclass
-class SandboxResult:
-    """What happened to one job: a verdict from `VERDICTS`, why, and what it cost."""
-
-    verdict: str
-    reason: str
-    duration_s: float
-    peak_memory_mb: float
-    stdout: str = ""
-    stderr: str = ""
-    runner: str = ""
-    compute_s: float = 0.0  # time inside the program's own merge calls
-
-    def to_dict(self) -> dict[str, Any]:
-        """The result as JSON-ready values."""
-        return asdict(self)
-
-
-class Runner(Protocol):
-    """Runs merge jobs in some sandbox; `run` returns a verdict, never raises for the program."""
-
-    name: str
-
-    @property
-    def description(self) -> str:
-        """What confines the jobs, for logs ("docker (image, warm pool of 2)")."""
-        ...
-
-    def run(self, job: MergeJob) -> SandboxResult:
-        """Run one job to completion (or to its limits)."""
-        ...
-
-    def run_check(self, job: CheckJob) -> CheckResult:
-        """Score answers with task-checker code (no weights mounted); never raises for it."""
-        ...
-
-    def close(self) -> None:
-        """Release what the runner holds (containers, scratch space)."""
-        ...
 
 
 @dataclass
@@ -164,7 +72,7 @@ class ProcessRunner:
 
     def __init__(self, limits: SandboxLimits | None = None) -> None:
         self.limits = limits or SandboxLimits()
-        _warn_once(
+        warn_once(
             "process",
             "PROCESS SANDBOX: weaker isolation than Docker (shared kernel, no memory cgroup); "
             + (
@@ -190,7 +98,6 @@ class ProcessRunner:
         out_dir = Path(job.out_dir).resolve()
         control = Path(tempfile.mkdtemp(prefix="coevo-sandbox-"))
         staging: Path | None = None
-        compute_s = 0.0
         try:
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             # Staged next to out_dir (same file system, so the final rename is atomic); a
@@ -198,34 +105,16 @@ class ProcessRunner:
             staging = Path(tempfile.mkdtemp(prefix=f".sandbox-{out_dir.name}-", dir=out_dir.parent))
             payload = {**job.to_dict(), "out_dir": str(staging / "model")}
             verdict, reason, peak_mb, compute_s = self._run_harness(payload, control, staging)
-            if verdict == "ok":
-                problem = install_model(staging / "model", out_dir)
-                if problem is not None:
-                    verdict, reason = "sandbox_error", problem
-            stdout = read_log(control / "stdout.log", self.limits.max_log_bytes)
-            stderr = read_log(control / "stderr.log", self.limits.max_log_bytes)
-        except OSError as err:
-            verdict, reason, peak_mb, stdout, stderr = (
-                "sandbox_error",
-                f"sandbox setup failed: {err}",
-                0.0,
-                "",
-                "",
+            return merge_result(
+                verdict, reason, start=start, peak_mb=peak_mb, compute_s=compute_s, model=staging / "model",
+                out_dir=out_dir, logs=control, runner=self.name, max_log_bytes=self.limits.max_log_bytes,
             )
+        except OSError as err:
+            return unrun(SandboxResult, "sandbox_error", f"sandbox setup failed: {err}", start, self.name)
         finally:
             shutil.rmtree(control, ignore_errors=True)
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
-        return SandboxResult(
-            verdict,
-            reason,
-            time.perf_counter() - start,
-            peak_mb,
-            stdout,
-            stderr,
-            self.name,
-            compute_s,
-        )
 
     @property
     def description(self) -> str:
@@ -244,8 +133,6 @@ class ProcessRunner:
 
     def run_check(self, job: CheckJob) -> CheckResult:
         """Score answers with task-checker code in a fresh harness process (no models)."""
-        from sandbox.checker import CheckResult
-
         start = time.perf_counter()
         policy = check_checker(job.source)
         if not policy.ok:
@@ -254,17 +141,9 @@ class ProcessRunner:
         try:
             (control / "out").mkdir()
             verdict, reason, peak_mb, _ = self._run_harness(job.to_dict(), control, control / "out")
-            scores, errors = read_scores(control / "result.json") if verdict == "ok" else (None, None)
-            return CheckResult(
-                verdict,
-                reason,
-                time.perf_counter() - start,
-                peak_mb,
-                scores,
-                errors,
-                read_log(control / "stdout.log", self.limits.max_log_bytes),
-                read_log(control / "stderr.log", self.limits.max_log_bytes),
-                self.name,
+            return check_result(
+                verdict, reason, start=start, peak_mb=peak_mb, logs=control, runner=self.name,
+                max_log_bytes=self.limits.max_log_bytes,
             )
         finally:
             shutil.rmtree(control, ignore_errors=True)
@@ -353,84 +232,6 @@ class ProcessRunner:
         )
 
 
-def rejected(result: type[_R], policy: PolicyVerdict, start: float, runner: str) -> _R:
-    """The result of a program the static policy refused (it never ran)."""
-    return unrun(result, "rejected_by_policy", f"{policy.rule}: {policy.reason}", start, runner)
-
-
-def unrun(result: type[_R], verdict: str, reason: str, start: float, runner: str) -> _R:
-    """The result of a job that ended before its program ran (policy, models, the daemon)."""
-    return result(verdict, reason, time.perf_counter() - start, 0.0, runner=runner)
-
-
-def read_result(result_file: Path) -> tuple[str, str, float, float] | None:
-    """`(verdict, reason, peak_memory_mb, compute_s)` from a harness result file; None if absent.
-
-    An unreadable file or an unknown verdict is a `sandbox_error`.
-    """
-    if not result_file.is_file():
-        return None
-    try:
-        result = json.loads(result_file.read_text())
-        verdict, reason = str(result["verdict"]), str(result["reason"])
-        peak_mb = float(result.get("peak_memory_mb", 0.0))
-        compute_s = float(result.get("compute_s", 0.0))
-    except (OSError, ValueError, KeyError, TypeError) as bad:
-        return "sandbox_error", f"unreadable harness result: {bad}", 0.0, 0.0
-    if verdict not in VERDICTS:
-        return "sandbox_error", f"harness returned unknown verdict {verdict!r}", peak_mb, 0.0
-    return verdict, reason, peak_mb, compute_s
-
-
-def read_scores(result_file: Path) -> tuple[list[float] | None, list[str | None] | None]:
-    """The per-case `scores` and `errors` of a checker job's result file."""
-    try:
-        result = json.loads(result_file.read_text())
-        return result.get("scores"), result.get("errors")
-    except (OSError, ValueError, AttributeError):
-        return None, None
-
-
-def run_many(runner: Runner, jobs: Sequence[MergeJob], workers: int = 2) -> list[SandboxResult]:
-    """Run jobs `workers` at a time (threads; each job is its own process), results in order."""
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
-        return list(pool.map(runner.run, jobs))
-
-
-def make_runner(
-    kind: str = "auto",
-    limits: SandboxLimits | None = None,
-    *,
-    input_roots: Sequence[Path] = (),
-    **docker_options: Any,
-) -> Runner:
-    """The runner for `kind`: "docker", "process", or "auto" (Docker when a daemon is
-    reachable, else the process fallback, with a warning either way it falls back).
-
-    `input_roots` are dirs that hold the models of many jobs (the zoo, a session's children):
-    Docker mounts them read-only in one shared warm pool instead of a pool per set of models;
-    the process runner needs nothing (under bubblewrap it sees the host read-only). The other
-    `docker_options` go to `DockerRunner` (pool_size, max_pools, cpus, runtime, gpus,
-    scratch_dir, ...). "docker" raises SandboxUnavailable with a one-line reason when Docker
-    cannot be used.
-    """
-    if kind not in ("auto", "docker", "process"):
-        raise ValueError(f"unknown sandbox runner {kind!r}: use 'auto', 'process' or 'docker'")
-    if kind == "process":
-        return ProcessRunner(limits)
-    from sandbox.docker_runner import DockerRunner
-
-    try:
-        return DockerRunner(limits, input_roots=input_roots, **docker_options)
-    except SandboxUnavailable as err:
-        if kind == "docker":
-            raise
-        _warn_once("auto", f"Docker sandbox unavailable ({err}); falling back to the process sandbox")
-        return ProcessRunner(limits)
-
-
 def confinement_prefix(control: Path, staging: Path) -> list[str]:
     """The command prefix confining a harness process: bubblewrap if it works, else unshare.
 
@@ -504,7 +305,7 @@ def network_prefix() -> tuple[str, ...]:
             continue
         if probe.returncode == 0:
             return prefix
-    _warn_once(
+    warn_once(
         "network",
         "process sandbox: cannot create a network namespace (unshare failed); "
         "sandboxed programs keep the host's network",
@@ -542,7 +343,7 @@ def _watchdog(pid: int, control: Path, limits: SandboxLimits, watch: _Watch) -> 
             watch.killed_for = "timeout"
         elif anon_mb > limits.memory_mb:
             watch.killed_for = "memory"
-        elif any(_size(path) > log_cap for path in logs):
+        elif any(file_size(path) > log_cap for path in logs):
             watch.killed_for = "logs"
         if watch.killed_for:
             _kill_group(pid)
@@ -579,59 +380,8 @@ def _group_anon_memory_mb(pgid: int) -> float:
     return total_kb / 1024
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def read_log(path: Path, max_bytes: int) -> str:
-    """The log, or its head and tail around a marker when it is over `max_bytes`."""
-    size = _size(path)
-    with open(path, "rb") as f:
-        if size <= max_bytes:
-            return f.read().decode("utf-8", errors="replace")
-        half = max_bytes // 2
-        head = f.read(half)
-        f.seek(size - half)
-        tail = f.read(half)
-    marker = f"\n... [{size - 2 * half} bytes truncated] ...\n".encode()
-    return (head + marker + tail).decode("utf-8", errors="replace")
-
-
-def tail(path: Path, max_chars: int = 500) -> str:
-    """The last lines of a log as one line, for a reason string."""
-    text = read_log(path, 4 * max_chars).strip() if path.is_file() else ""
-    text = " | ".join(line for line in text.splitlines() if line.strip())
-    return text[-max_chars:] if text else "(no stderr)"
-
-
-def install_model(model_dir: Path, out_dir: Path) -> str | None:
-    """Move a finished model to out_dir atomically (replacing an old one); None, or the problem.
-
-    From another file system the model is first copied next to out_dir, so the final step is
-    always a rename: out_dir holds either the old model or the complete new one.
-    """
-    if not model_dir.is_dir() or not any(model_dir.glob("*.safetensors")):
-        return f"harness reported ok but wrote no model to {model_dir}"
-    if out_dir.exists() and not out_dir.is_dir():
-        return f"output path '{out_dir}' exists and is not a directory"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".sandbox-{out_dir.name}-", dir=out_dir.parent))
-    try:
-        if model_dir.stat().st_dev != staging.stat().st_dev:
-            shutil.copytree(model_dir, staging / "model")
-            model_dir = staging / "model"
-        if out_dir.exists():
-            os.replace(out_dir, staging / "previous")
-        os.replace(model_dir, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return None
-
-
-def _warn_once(key: str, message: str) -> None:
+def warn_once(key: str, message: str) -> None:
+    """Log `message` as a warning the first time `key` is seen in this process."""
     with _warn_lock:
         if key in _warned:
             return

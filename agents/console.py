@@ -49,6 +49,12 @@ def percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{100 * fraction:.1f}"
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """`text` with every whitespace run folded to one space, cut to `limit` characters."""
+    line = " ".join(str(text)[: limit * 4].split())  # bounded work for an enormous text
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def say(message: str) -> None:
     console.print(message, markup=False)
 

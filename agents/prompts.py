@@ -1,7 +1,9 @@
 """Editable prompt templates (`prompts/*.md`): loading, validation, rendering and hashing.
 
 Templates use `$name` placeholders (string.Template), so code samples with braces need no
-escaping. A leading HTML comment documents the template and is not part of the prompt.
+escaping. A leading HTML comment documents the template and is not part of the prompt. A
+session reads every role's template from one dir (`prompts_dir` in its config, else the
+templates shipped with coevo) and archives exactly the texts it read.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from pathlib import Path
 
 from archive_store import prompt_hash
 
-DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 
-# The generator prompt ends inside a ```python block; its completion ends at this fence.
-FENCE = "```"
+def _default_prompts_dir() -> Path:
+    # A wheel ships the templates inside the package; a source checkout has them at its top.
+    packaged = Path(__file__).resolve().parent / "default_prompts"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "prompts"
+
+
+DEFAULT_PROMPTS_DIR = _default_prompts_dir()
 
 # Placeholders each role's template must use; rendering fails loudly on unknown ones.
 REQUIRED = {
@@ -24,6 +30,10 @@ REQUIRED = {
     "judge": {"question", "instructions", "reference", "answer"},
     "gibberish": {"answers"},
     "best_of_n": {"question", "candidates"},
+    "task_writer": {"n_instances"},
+    "task_writer_harder": {"parent", "feedback", "n_instances"},
+    "task_writer_novel": {"parent", "feedback", "n_instances"},
+    "task_novelty": {"candidate", "neighbours"},
 }
 
 
@@ -62,6 +72,7 @@ def _strip_header(raw: str) -> str:
 
 
 def load_prompt(name: str, prompts_dir: Path | None = None) -> Prompt:
+    """The template `name` from `prompts_dir` (default: the shipped ones), its placeholders checked."""
     directory = Path(prompts_dir or DEFAULT_PROMPTS_DIR)
     path = directory / f"{name}.md"
     if not path.is_file():
@@ -70,7 +81,7 @@ def load_prompt(name: str, prompts_dir: Path | None = None) -> Prompt:
     prompt = Prompt(name, path, _strip_header(path.read_text()))
     required = REQUIRED.get(name, set())
     if not required <= prompt.placeholders:
-        missing = ", ".join(sorted(required - prompt.placeholders))
+        missing = ", $".join(sorted(required - prompt.placeholders))
         raise PromptError(f"prompt {path} lacks placeholder(s) ${missing}")
     return prompt
 
@@ -78,25 +89,3 @@ def load_prompt(name: str, prompts_dir: Path | None = None) -> Prompt:
 def list_prompts(prompts_dir: Path | None = None) -> list[Prompt]:
     directory = Path(prompts_dir or DEFAULT_PROMPTS_DIR)
     return [load_prompt(p.stem, directory) for p in sorted(directory.glob("*.md"))]
-
-
-def format_exemplars(exemplars: list[tuple[str, float]]) -> str:
-    """Earlier programs with their dev scores, best first, as shown to the generator."""
-    if not exemplars:
-        return "(none yet)"
-    blocks = [f"Score {score:.1f}:\n```python\n{code.strip()}\n```" for code, score in exemplars]
-    return "\n\n".join(blocks)
-
-
-def extract_program(completion: str) -> str:
-    """The program text of a generator completion: up to the closing code fence."""
-    return completion.split(FENCE, 1)[0].strip() + "\n"
-
-
-def completion_text(program: str) -> str:
-    """A program as the generator is trained to write it: code, then the closing fence.
-
-    The seed generator's corpus and the DPO pairs both use this form, so DPO trains on
-    exactly what the generator emits.
-    """
-    return program + FENCE + "\n"

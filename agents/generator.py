@@ -1,0 +1,133 @@
+"""Generator role (Self-Developing): the LLM that writes merge programs.
+
+It is prompted with `prompts/generator.md` and the archive's best algorithms so far with their
+dev scores, samples N completions at a temperature that decays over the iterations, and its
+programs are cut out of the completions and vetted (static policy, duplicates) before anything
+runs. DPO (`agents.dpo`) trains new versions of it; `backend(path)` follows the current one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agents.backends import LLMBackend
+from agents.config import GeneratorConfig
+from agents.console import say
+from agents.prompts import Prompt
+from sandbox.policy import PolicyVerdict, check_program, code_hash
+
+# The generator prompt ends inside a ```python block; its completion ends at this fence.
+FENCE = "```"
+MAX_PROGRAM_BYTES = 16_000
+
+
+def format_exemplars(exemplars: list[tuple[str, float]]) -> str:
+    """Earlier programs with their dev scores, best first, as shown to the generator."""
+    if not exemplars:
+        return "(none yet)"
+    blocks = [f"Score {score:.1f}:\n```python\n{code.strip()}\n```" for code, score in exemplars]
+    return "\n\n".join(blocks)
+
+
+def extract_program(completion: str) -> str:
+    """The program text of a generator completion: up to the closing code fence."""
+    return completion.split(FENCE, 1)[0].strip() + "\n"
+
+
+def completion_text(program: str) -> str:
+    """A program as the generator is trained to write it: code, then the closing fence.
+
+    The seed generator's corpus and the DPO pairs both use this form, so DPO trains on
+    exactly what the generator emits.
+    """
+    return program + FENCE + "\n"
+
+
+@dataclass(frozen=True)
+class Vetted:
+    """One proposal after vetting: its program, the policy's verdict, and whether it repeats
+    an earlier program (same normalised code)."""
+
+    code: str
+    verdict: PolicyVerdict
+    normalized_hash: str
+    duplicate_of: str | None
+
+    @property
+    def runnable(self) -> bool:
+        return self.verdict.ok and self.duplicate_of is None
+
+
+class Generator:
+    """The algorithm writer: its prompt, its sampling schedule and its current version."""
+
+    def __init__(
+        self,
+        config: GeneratorConfig,
+        prompt: Prompt,
+        make_backend: Callable[[Path], LLMBackend],
+        *,
+        n_experts: int,
+        iterations: int,
+    ) -> None:
+        self.config = config
+        self.prompt = prompt
+        self.make_backend = make_backend
+        self.n_experts = n_experts
+        self.iterations = iterations
+        self._backend: LLMBackend | None = None
+        self._backend_path: Path | None = None
+
+    def backend(self, path: Path) -> LLMBackend:
+        """The backend serving the generator version at `path`, (re)loaded when it changed."""
+        if self._backend is None:
+            self._backend = self.make_backend(path)
+        elif self._backend_path != path:
+            reload = getattr(self._backend, "reload", None)
+            if reload is not None:
+                reload(path)
+        self._backend_path = path
+        return self._backend
+
+    def temperature(self, iteration: int) -> float:
+        """Linear decay from `temperature_start` to `temperature_end` at the last iteration."""
+        g = self.config
+        last = max(1, self.iterations - 1)
+        return g.temperature_start + (g.temperature_end - g.temperature_start) * min(1.0, iteration / last)
+
+    def render(self, exemplars: list[dict[str, Any]]) -> str:
+        """The prompt, showing `exemplars` (archive rows with `code` and `dev_score` in [0, 1])."""
+        shown = [(e["code"], 100 * e["dev_score"]) for e in exemplars]
+        return self.prompt.render(n_experts=self.n_experts, exemplars=format_exemplars(shown))
+
+    def sample(self, path: Path, prompt_text: str, *, temperature: float, seed: int, label: str) -> list[str]:
+        """`programs_per_iteration` completions of `prompt_text` from the version at `path`."""
+        cfg = self.config
+        say(f"{label}: sampling {cfg.programs_per_iteration} programs at T={temperature:.2f}")
+        started = time.time()
+        completions = self.backend(path).generate(
+            [prompt_text], n=cfg.programs_per_iteration, temperature=temperature, top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens, seed=seed, stop=[FENCE],
+        )[0]
+        say(f"  sampled in {time.time() - started:.1f}s")
+        return completions
+
+
+def vet(completions: list[tuple[str, str]], seen: dict[str, str]) -> list[Vetted]:
+    """Cut the program out of each `(algorithm_id, completion)`, run the static policy and find
+    duplicates of earlier programs; `seen` (normalised hash -> first algorithm id) is updated
+    with the new runnable ones, so a repeat within the batch is a duplicate too."""
+    vetted = []
+    for algorithm_id, completion in completions:
+        code = extract_program(completion)
+        verdict = check_program(code, max_bytes=MAX_PROGRAM_BYTES)
+        normalized = code_hash(code)
+        duplicate_of = seen.get(normalized) if verdict.ok else None
+        if verdict.ok and duplicate_of is None:
+            seen[normalized] = algorithm_id
+        vetted.append(Vetted(code, verdict, normalized, duplicate_of))
+    return vetted
