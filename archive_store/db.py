@@ -16,6 +16,7 @@ import duckdb
 
 from archive_store import summaries
 
+
 class ArchiveError(Exception):
     """An archive problem a user can act on; `str()` is one line."""
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from agents.metrics import best_of_n, best_of_n_score, coverage, coverage_curve, greedy_team, solved_sets
+from agents.metrics import (
+    best_of_n,
+    best_of_n_score,
+    coverage,
+    coverage_curve,
+    greedy_team,
+    solved_sets,
+)
 
 TASKS = {f"t{i}" for i in range(1, 9)}
 # Two strong models that solve the same tasks, and a weaker one that solves the rest.
