@@ -1,9 +1,11 @@
-"""A wheel install works outside the source tree: the prompt templates and the sandbox image's
-Dockerfile ship inside it, so `coevo prompts list` and the image's build context work."""
+"""A wheel install works outside the source tree: the prompt templates, the archive's schema
+and the sandbox image's Dockerfile ship inside it, so `coevo prompts list`, the migrations and
+the image's build context work."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -11,14 +13,20 @@ from pathlib import Path
 
 import pytest
 
+from archive_store import SCHEMA_VERSION
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_ships_prompts_and_the_image_context(tmp_path: Path) -> None:
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "__pycache__", ".*_cache", "coevo_work"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(source)],
         check=True, capture_output=True, text=True, timeout=600,
     )
     (wheel,) = (tmp_path / "dist").glob("coevo-*.whl")
@@ -40,6 +48,7 @@ def test_wheel_ships_prompts_and_the_image_context(tmp_path: Path) -> None:
 
     where = run(str(python), "-c", "import agents, sandbox; print(agents.__file__); print(sandbox.__file__)")
     assert str(ROOT) not in where and str(venv) in where  # the installed copy, not the checkout
+    assert run(str(python), "-c", "from archive_store.db import migrations; print(len(migrations()))").strip() == str(SCHEMA_VERSION)
     listed = run(str(venv / "bin" / "coevo"), "prompts", "list")
     names = {line.split()[0] for line in listed.splitlines()}
     assert {"generator", "judge", "gibberish", "best_of_n", "task_writer", "task_novelty"} <= names
