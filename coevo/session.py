@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from agents import population, selfdev
 from agents.backends import LLMBackend, make_llm
@@ -47,10 +47,10 @@ class SessionError(ValueError):
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: Path) -> Iterator[Path]:
+def workdir_lock(workdir: Path) -> Iterator[IO[str]]:
     """Hold the workdir's lock while a session runs: a second launch fails at once, naming the
-    running session and its pid. The lock is the kernel's (flock): it dies with its process,
-    so a killed session never leaves a stale one."""
+    running session and its pid (`write_holder` on the yielded file records them). The lock is
+    the kernel's (flock): it dies with its process, so a killed session never leaves a stale one."""
     path = workdir / LOCK_FILE
     handle = open(path, "a+")  # noqa: SIM115 - held until the session ends
     try:
@@ -67,13 +67,14 @@ def workdir_lock(workdir: Path) -> Iterator[Path]:
                 f"(pid {holder.get('pid', '?')}): wait for it to finish or stop it, then "
                 "`coevo launch --resume`"
             ) from None
-        _write_holder(handle, None)
-        yield path
+        write_holder(handle, None)
+        yield handle
     finally:
         handle.close()
 
 
-def _write_holder(handle: Any, session_id: str | None) -> None:
+def write_holder(handle: IO[str], session_id: str | None) -> None:
+    """Record this process and its session in the held lock file, for a second launch to name."""
     handle.seek(0)
     handle.truncate()
     handle.write(json.dumps({"pid": os.getpid(), "session_id": session_id}))
@@ -98,8 +99,7 @@ def run_session(
             config = config or Config()
             # The random suffix keeps ids unique when archives of several machines are merged.
             session_id = time.strftime("%Y%m%d-%H%M%S") + f"-s{config.seed}-{secrets.token_hex(2)}"
-        with open(lock, "r+") as handle:
-            _write_holder(handle, session_id)
+        write_holder(lock, session_id)
         for note in config_notes or []:
             say(f"[config] {note}")
         base, experts, tasks_dir, zoo_generator, task_set = _resolve_models(config)
