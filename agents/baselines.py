@@ -1,7 +1,7 @@
 """Reference merges the generated algorithms are compared with.
 
-Task arithmetic's scaling factor is chosen on the dev split from a small grid, as the
-papers do (Ilharco et al. tune lambda on validation data); TIES uses its usual defaults.
+Task arithmetic's scaling factor is chosen on the dev split from a grid in steps of 0.1, as
+the papers do (Ilharco et al. tune lambda on validation data); TIES uses its usual defaults.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from agents.tasks import Task
 from merging.apply import merge_models
 from merging.methods import make_merge_fn
 
-TA_SCALES = (0.3, 0.5, 0.7, 1.0)
+TA_SCALES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
 
 
 def baseline_merge(

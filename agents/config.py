@@ -73,7 +73,7 @@ class GeneratorConfig(LLMConfig):
 
 
 class SessionConfig(Section):
-    iterations: int = Field(2, ge=1)
+    iterations: int = Field(3, ge=1, description="Self-Developing iterations (the paper: 3)")
 
 
 class JudgeConfig(Section):
@@ -135,7 +135,7 @@ class PopulationConfig(Section):
     mutation: Literal["svd_noise", "svd_scale", "gaussian", "none"] | None = Field(
         None, description="acdc: svd_noise (noise on top-k singular values); cycleqd: svd_scale (task-vector SVD scaled by U[0, w_max])"
     )
-    svd_top_k: int = Field(4, ge=1, description="singular values perturbed per 2-D weight; paper: 256 of rank 4096 (6%), 4 of the zoo's rank 64")
+    svd_top_k: int = Field(8, ge=1, description="singular values perturbed per 2-D weight; paper: 256 of rank 4096 (6%), 8 of the zoo's rank 128")
     svd_sigma: float = Field(0.25, ge=0, description="svd_noise: std of the noise on each top-k singular value")
     w_max: float = Field(2.0, gt=0, description="svd_scale: singular values scaled by U[0, w_max]")
     gauss_sigma: float = Field(0.5, ge=0, description="gaussian: noise std relative to each tensor's std")

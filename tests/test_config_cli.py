@@ -31,7 +31,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], fragment: str)
 
 def test_defaults_are_the_quickstart() -> None:
     config = load_config(None)
-    assert config.session.iterations == 2
+    assert config.session.iterations == 3
     assert config.generator.programs_per_iteration == 64
     assert config.dpo.enabled
 

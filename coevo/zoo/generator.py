@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -61,6 +62,7 @@ def build_generator(
         len(tokenizer), hidden_size=128, layers=2, heads=4, intermediate_size=256,
         max_positions=max(1024, longest + 256),
     )
+    torch.manual_seed(seed)  # the initial weights too: the build runs this in a fresh process
     model = LlamaForCausalLM(config)
     loss = train_lm(
         model, encoded, steps=steps, batch_size=16, lr=2e-3, seed=seed,

@@ -1,14 +1,27 @@
 """Synthetic skills of the embedded zoo: deterministic task generators with exact-match answers.
 
 Each skill is a family of short prompts (`rev hbdc=`) whose answer is a pure function of the
-prompt, so a tiny character-level model can learn it and exact match can score it. The base
-model only learns the *format* (copying); each expert learns one transformation.
+prompt, so a tiny character-level model can learn it and exact match can score it.
+
+The zoo is a miniature of the papers' regime: one broadly pre-trained base, experts
+fine-tuned from it. The base's pre-training mixture (`base_example`) holds
+
+- every skill *latent*: its full domain in another notation (`REV(hbdcf)=`), as a real
+  pretrained LM knows a task long before it follows the task's instruction format;
+- every skill's *narrow slice* in the tested notation (3-letter words, addends <= 3);
+- filler skills in the tested notation over their full domain (never tested, never an
+  expert): the tested notation itself is familiar;
+- plain copying.
+
+An expert is then a small, targeted change: it learns to apply its skill's known operation to
+the full tested domain. Such changes add up (BENCHMARKS.md shows the regimes that did not).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from agents.tasks import Task
 
@@ -19,51 +32,90 @@ def _word(rng: random.Random, lo: int = 3, hi: int = 5) -> str:
     return "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
 
 
-def _upper(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"up {w}=", w.upper()
+def _numbers(rng: random.Random) -> str:
+    return f"{rng.randint(10, 59)} {rng.randint(0, 9)}"
 
 
-def _reverse(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"rev {w}=", w[::-1]
+def _shift(word: str) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in word)
 
 
-def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(10, 59), rng.randint(0, 9)
-    return f"add {a} {b}=", str(a + b)
+def _arith(op: Callable[[int, int], int]) -> Callable[[str], str]:
+    def answer(operand: str) -> str:
+        a, b = operand.split()
+        return str(op(int(a), int(b)))
+
+    return answer
 
 
-def _copy(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng, 2, 6)
-    return f"say {w}=", w
+def _short_word(operand: str) -> bool:
+    return len(operand) == 3
 
 
-# Skill name -> generator. Names are what users see in `coevo zoo info` and in the archive.
-SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "upper": _upper,
-    "reverse": _reverse,
-    "add": _add,
-}
+def _small_addend(operand: str) -> bool:
+    return int(operand.split()[1]) <= 3
 
-# Base pre-training sees every skill on a narrow slice of its domain only (3-letter words,
-# small addends) plus plain copying, so the base knows the formats and part of each skill;
-# experts extend one skill to its full domain. Fine-tunes then stay small perturbations of
-# the base, which is the regime where merging works (as with real pretrained LMs).
-def _narrow(skill: str, rng: random.Random) -> tuple[str, str]:
-    while True:
-        prompt, answer = SKILLS[skill](rng)
-        operand = prompt.split(" ", 1)[1].rstrip("=")
-        if skill == "add" and int(operand.split()[1]) <= 3:
-            return prompt, answer
-        if skill != "add" and len(operand) == 3:
-            return prompt, answer
+
+@dataclass(frozen=True)
+class Skill:
+    name: str
+    keyword: str  # the tested notation: "{keyword} {operand}="
+    latent: str  # pre-training's other notation: "{latent}({operand})="
+    draw: Callable[[random.Random], str]  # an operand from the skill's full domain
+    answer: Callable[[str], str]
+    narrow: Callable[[str], bool]  # whether an operand is in the base's narrow slice
+
+    def example(self, rng: random.Random) -> tuple[str, str]:
+        operand = self.draw(rng)
+        return f"{self.keyword} {operand}=", self.answer(operand)
+
+    def latent_example(self, rng: random.Random) -> tuple[str, str]:
+        operand = self.draw(rng)
+        return f"{self.latent}({operand})=", self.answer(operand)
+
+    def narrow_example(self, rng: random.Random) -> tuple[str, str]:
+        while True:
+            operand = self.draw(rng)
+            if self.narrow(operand):
+                return f"{self.keyword} {operand}=", self.answer(operand)
+
+
+_ALL = [
+    Skill("upper", "up", "CAP", _word, str.upper, _short_word),
+    Skill("reverse", "rev", "REV", _word, lambda w: w[::-1], _short_word),
+    Skill("add", "add", "SUM", _numbers, _arith(lambda a, b: a + b), _small_addend),
+    Skill("shift", "nxt", "NEXT", _word, _shift, _short_word),
+    Skill("sub", "sub", "DIFF", _numbers, _arith(lambda a, b: a - b), _small_addend),
+    Skill("rotate", "rot", "ROT", _word, lambda w: w[1:] + w[0], _short_word),
+]
+SKILLS: dict[str, Skill] = {s.name: s for s in _ALL}
+# What Self-Developing merges by default (the zoo's `experts/`), and the other experts of the
+# paper's transfer experiment (`transfer/experts/`): algorithms found on the first set are
+# applied unchanged to the second.
+DISCOVERY = ("upper", "reverse", "add")
+TRANSFER = ("shift", "sub", "rotate")
+
+# Pre-training only, over their full domain in the tested notation.
+FILLERS = [
+    Skill("copy", "say", "SAY", lambda rng: _word(rng, 2, 6), lambda w: w, _short_word),
+    Skill("sort", "srt", "SORT", _word, lambda w: "".join(sorted(w)), _short_word),
+    Skill("double", "dbl", "DBL", lambda rng: _word(rng, 2, 3), lambda w: "".join(c + c for c in w), _short_word),
+    Skill("swap", "swp", "SWAP", _word, lambda w: w[-1] + w[1:-1] + w[0], _short_word),
+]
+# Shares of the base's pre-training mixture (the rest is filler skills).
+P_COPY, P_LATENT, P_NARROW = 0.15, 0.30, 0.15
 
 
 def base_example(rng: random.Random) -> tuple[str, str]:
-    if rng.random() < 0.3:
-        return _copy(rng)
-    return _narrow(rng.choice(list(SKILLS)), rng)
+    """One example of the base model's pre-training mixture (see the module docstring)."""
+    r = rng.random()
+    if r < P_COPY:
+        return FILLERS[0].example(rng)
+    if r < P_COPY + P_LATENT:
+        return rng.choice(_ALL).latent_example(rng)
+    if r < P_COPY + P_LATENT + P_NARROW:
+        return rng.choice(_ALL).narrow_example(rng)
+    return rng.choice(FILLERS[1:]).example(rng)
 
 
 def make_split(skill: str, *, seed: int, n: int, exclude: set[str]) -> list[tuple[str, str]]:
@@ -75,16 +127,16 @@ def make_split(skill: str, *, seed: int, n: int, exclude: set[str]) -> list[tupl
         attempts += 1
         if attempts > 100 * n:
             raise RuntimeError(f"skill {skill!r} cannot produce {n} distinct tasks")
-        prompt, answer = SKILLS[skill](rng)
+        prompt, answer = SKILLS[skill].example(rng)
         if prompt not in exclude and prompt not in seen:
             seen[prompt] = answer
     return list(seen.items())
 
 
-def make_tasks(*, seed: int, n_dev: int, n_test: int) -> list[Task]:
-    """Dev and test tasks of every skill; disjoint from each other."""
+def make_tasks(*, seed: int, n_dev: int, n_test: int, skills: tuple[str, ...] = DISCOVERY) -> list[Task]:
+    """Dev and test tasks of each of `skills`; disjoint from each other."""
     tasks: list[Task] = []
-    for skill in SKILLS:
+    for skill in skills:
         pairs = make_split(skill, seed=seed, n=n_dev + n_test, exclude=set())
         for i, (prompt, answer) in enumerate(pairs):
             split = "dev" if i < n_dev else "test"
