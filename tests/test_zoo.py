@@ -192,3 +192,9 @@ def test_seed_generator_is_deterministic_across_processes(tmp_path: Path) -> Non
             pool.submit(build._train_generator, tmp_path / run, 0, 1, 2).result()
     for name in ("model.safetensors", "tokenizer.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_generator_dev_quartiles() -> None:
+    assert build._quartiles([40.0, 10.0, 30.0, 20.0, 50.0]) == [10.0, 20.0, 30.0, 40.0, 50.0]
+    assert build._quartiles([1.0, 2.0]) == [1.0, 1.2, 1.5, 1.8, 2.0]
+    assert build._quartiles([7.0]) == [7.0] * 5

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -199,15 +200,11 @@ def measure_zoo(zoo_dir: Path, *, runner_kind: str = "auto") -> dict:
 
 
 def _quartiles(values: list[float]) -> list[float]:
-    """min, 25th, 50th, 75th percentile and max (linear interpolation)."""
-    ordered = sorted(values)
-    out = []
-    for q in (0.0, 0.25, 0.5, 0.75, 1.0):
-        pos = q * (len(ordered) - 1)
-        lo = int(pos)
-        hi = min(lo + 1, len(ordered) - 1)
-        out.append(round(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo), 1))
-    return out
+    """min, 25th, 50th, 75th percentile and max (linear interpolation between the data points)."""
+    if len(values) < 2:
+        return [round(values[0], 1)] * 5
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return [round(v, 1) for v in (min(values), q1, median, q3, max(values))]
 
 
 def _check_generator(zoo_dir: Path, tmp: Path, runner_kind: str, answerer: Answerer, dev: list[Task]) -> dict:
