@@ -14,8 +14,8 @@ import argparse
 import itertools
 from collections.abc import Sequence
 
-import torch
 from transformers import LlamaForCausalLM
+from zoo_regimes import accuracy
 
 from agents.baselines import TA_SCALES
 from agents.tasks import Task, load_tasks
@@ -27,20 +27,12 @@ GRID = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
 PART_SCALES = (0.6, 0.8, 1.0, 1.2, 1.4)
 
 
-@torch.inference_mode()
-def accuracy(model: LlamaForCausalLM, tasks: Sequence[Task]) -> float:
-    tokenizer = char_tokenizer()
-    enc = tokenizer([t.prompt for t in tasks], return_tensors="pt", padding=True, add_special_tokens=False)
-    generated = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=2)
-    texts = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return 100 * sum(x.split("\n")[0].strip() == t.answer for x, t in zip(texts, tasks, strict=True)) / len(tasks)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     zoo = ensure_zoo(default_zoo_dir(args.seed), seed=args.seed)
+    tokenizer = char_tokenizer()
     model = LlamaForCausalLM.from_pretrained(zoo / "base").eval()
     base = {k: v.clone() for k, v in model.state_dict().items()}
     vectors = []
@@ -51,13 +43,13 @@ def main() -> None:
     dev = [t for t in tasks if t.split == "dev"]
     test = [t for t in tasks if t.split == "test"]
 
-    def score(weights: Sequence[float], parts: tuple[float, float] = (1.0, 1.0), split: Sequence[Task] = dev) -> float:
+    def score(weights: Sequence[float], parts: tuple[float, float] = (1.0, 1.0), split: list[Task] = dev) -> float:
         state = {}
         for name, b in base.items():
             part = parts[0] if "self_attn" in name else parts[1] if "mlp" in name else 1.0
             state[name] = b + part * sum(w * v[name] for w, v in zip(weights, vectors, strict=True))
         model.load_state_dict(state)
-        return accuracy(model, split)
+        return accuracy(model, split, tokenizer)["average"]
 
     scale = max(TA_SCALES, key=lambda s: score([s] * len(vectors)))
     ta = [scale] * len(vectors)
