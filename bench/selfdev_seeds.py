@@ -58,7 +58,8 @@ def main() -> None:
             print(f"{seed:>4} {row['iteration']:>4} {100 * row['executable_rate']:>5.0f}% "
                   f"{100 * row['mean_dev']:>6.1f} {100 * row['top3_mean_dev']:>6.1f}")
         deltas.append(100 * (rows[-1]["mean_dev"] - rows[0]["mean_dev"]))
-        best = max((r for r in board if r[1] == "merged"), key=lambda r: (r[2], r[3]))
+        # Best dev score; ties go to the earliest program (iteration, sample), never to test.
+        best = min((r for r in board if r[1] == "merged"), key=lambda r: (-r[2], r[0]))
         finals.append((seed, 100 * best[3], _test_of(board, "baseline:task_arithmetic"),
                        _test_of(board, "baseline:ties")))
     print(f"mean dev, last - first iteration, per seed: {', '.join(f'{d:+.1f}' for d in deltas)}")

@@ -134,7 +134,7 @@ def _manifest(discovery: dict[str, list[float]], transfer: dict[str, list[float]
 
 
 TRANSFER_OK = {
-    "base": [40, 30, 35], "expert:shift": [100, 30, 35], "expert:sub": [40, 85, 35], "expert:rotate": [40, 30, 100],
+    "base": [40, 30, 35], "expert:sym": [100, 30, 35], "expert:sub": [40, 85, 35], "expert:rotate": [40, 30, 100],
     "merge:task_arithmetic": [80, 60, 90], "merge:ties": [70, 40, 45],
 }
 
@@ -198,3 +198,16 @@ def test_generator_dev_quartiles() -> None:
     assert build._quartiles([40.0, 10.0, 30.0, 20.0, 50.0]) == [10.0, 20.0, 30.0, 40.0, 50.0]
     assert build._quartiles([1.0, 2.0]) == [1.0, 1.2, 1.5, 1.8, 2.0]
     assert build._quartiles([7.0]) == [7.0] * 5
+
+
+def test_a_cached_zoo_of_another_skill_set_is_not_used(tmp_path: Path) -> None:
+    """The first zoo v2 had `shift` among its transfer skills; its cache must be rebuilt, not
+    read as today's zoo."""
+    manifest = {"version": build.ZOO_VERSION, "skills": list(DISCOVERY), "transfer_skills": list(TRANSFER)}
+    (tmp_path / "zoo.json").write_text(json.dumps(manifest))
+    assert zoo_manifest(tmp_path) == manifest
+    (tmp_path / "zoo.json").write_text(json.dumps({**manifest, "transfer_skills": ["shift", "sub", "rotate"]}))
+    assert zoo_manifest(tmp_path) is None
+    (tmp_path / "zoo.json").write_text(json.dumps({**manifest, "version": build.ZOO_VERSION - 1}))
+    assert zoo_manifest(tmp_path) is None
+    assert SKILLS["sym"].answer("abj") == "!#^" and "shift" not in SKILLS

@@ -69,7 +69,12 @@ def zoo_manifest(zoo_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     manifest = json.loads(path.read_text())
-    return manifest if manifest.get("version") == ZOO_VERSION else None
+    current = (
+        manifest.get("version") == ZOO_VERSION
+        and manifest.get("skills") == list(DISCOVERY)
+        and manifest.get("transfer_skills") == list(TRANSFER)
+    )
+    return manifest if current else None  # a zoo of another version or skill set is rebuilt
 
 
 def ensure_zoo(zoo_dir: Path, *, seed: int, runner_kind: str = "auto") -> Path:
