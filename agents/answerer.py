@@ -9,11 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from agents.task_format import TaskFormat, chat_prompt, cut_at_stop, read_reply
+from agents.tasks import Task
 from merging.io import open_weights
+
+
+class Resident(Protocol):
+    """What the judge needs of a resident model: this transformers one, or the vLLM engine
+    (`agents.vllm_answerer.VLLMAnswerer`)."""
+
+    max_new_tokens: int
+
+    def load(self, model_dir: Path) -> None: ...
+    def answer(self, model_dir: Path, prompts: Sequence[str]) -> list[str]: ...
+    def answer_tasks(self, model_dir: Path, tasks: Sequence[Task]) -> list[str]: ...
 
 
 class Answerer:
@@ -42,8 +56,13 @@ class Answerer:
                 params[name].copy_(weights.get(name))
         self.loaded = Path(model_dir)
 
-    def answers(self, prompts: Sequence[str]) -> list[str]:
-        """The loaded model's greedy answer to each prompt: the first line it writes, stripped."""
+    def replies(
+        self, prompts: Sequence[str], *, max_new_tokens: int | None = None, stop: Sequence[str] = ()
+    ) -> list[str]:
+        """The loaded model's greedy reply to each prompt (special tokens dropped), cut at the
+        first stop sequence; generation ends early once every reply of a batch has stopped."""
+        limit = max_new_tokens or self.max_new_tokens
+        extra = {"stop_strings": list(stop), "tokenizer": self.tokenizer} if stop else {}
         out: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = list(prompts[start : start + self.batch_size])
@@ -52,17 +71,39 @@ class Answerer:
             with torch.inference_mode():
                 generated = self.model.generate(
                     **enc,
-                    max_new_tokens=self.max_new_tokens,
+                    max_new_tokens=limit,
                     do_sample=False,
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=self.tokenizer.eos_token_id,
+                    **extra,
                 )
             new_tokens = generated[:, enc["input_ids"].shape[1] :]
-            for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
-                out.append(text.split("\n", 1)[0].strip())
+            out += [cut_at_stop(text, stop) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         return out
+
+    def answers(self, prompts: Sequence[str]) -> list[str]:
+        """The loaded model's greedy answer to each prompt: the first line it writes, stripped."""
+        return [reply.split("\n", 1)[0].strip() for reply in self.replies(prompts)]
 
     def answer(self, model_dir: Path, prompts: Sequence[str]) -> list[str]:
         """The answers of the model in `model_dir` (swapped in first) to `prompts`."""
         self.load(model_dir)
         return self.answers(prompts)
+
+    def answer_tasks(self, model_dir: Path, tasks: Sequence[Task]) -> list[str]:
+        """The answers of the model in `model_dir` to `tasks`, each shown and read the way its
+        task set's format says (chat template, answer length, stops, extraction)."""
+        self.load(model_dir)
+        out = [""] * len(tasks)
+        by_format: dict[TaskFormat, list[int]] = {}
+        for index, task in enumerate(tasks):
+            by_format.setdefault(task.fmt, []).append(index)
+        for fmt, indices in by_format.items():
+            if fmt.plain:  # the zoo's format: as `answers`, at the judge's answer length
+                replies = self.replies([tasks[i].prompt for i in indices])
+            else:
+                prompts = [chat_prompt(tasks[i].prompt, fmt, self.tokenizer) for i in indices]
+                replies = self.replies(prompts, max_new_tokens=fmt.max_new_tokens, stop=fmt.stop)
+            for i, reply in zip(indices, replies, strict=True):
+                out[i] = read_reply(reply, fmt)
+        return out

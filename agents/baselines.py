@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from agents.answerer import Answerer
+from agents.answerer import Resident
 from agents.judge import exact_scores, mean_score
 from agents.tasks import Task
 from merging.apply import merge_models
@@ -25,7 +25,7 @@ def baseline_merge(
     expert_dirs: list[Path],
     out_dir: Path,
     *,
-    answerer: Answerer,
+    answerer: Resident,
     dev_tasks: Sequence[Task],
     include: str | None = None,
 ) -> dict[str, float]:
@@ -37,7 +37,7 @@ def baseline_merge(
     for scale in TA_SCALES:
         candidate = out_dir.with_name(f"{out_dir.name}.scale{scale}")
         merge_models(make_merge_fn(method, scale=scale), base_dir, expert_dirs, candidate, include=include)
-        answers = answerer.answer(candidate, [t.prompt for t in dev_tasks])
+        answers = answerer.answer_tasks(candidate, dev_tasks)
         score = mean_score(exact_scores(dev_tasks, answers))
         if best is None or score > best[0]:
             best = (score, scale)

@@ -82,6 +82,15 @@ class JudgeConfig(Section):
     max_new_tokens: int = Field(8, ge=1, description="answer length of the models under test")
     batch_size: int = Field(256, ge=1)
     device: str = "cpu"
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="the resident model: transformers (CPU, tiny models) or vllm (one engine for the session, "
+        "each model's weights swapped in with reload_weights; needs vllm)",
+    )
+    vllm_memory: float = Field(0.85, gt=0, le=1, description="engine = 'vllm': gpu_memory_utilization (on CPU builds: share of RAM)")
+    vllm_max_model_len: int | None = Field(None, ge=16, description="engine = 'vllm': longest prompt + answer (None = the model's)")
+    vllm_dtype: str = Field("auto", description="engine = 'vllm': weight dtype")
+    vllm_tensor_parallel: int = Field(1, ge=1, description="engine = 'vllm': GPUs per engine")
     scoring: Literal["checker", "llm"] = Field(
         "checker", description="population modes: the families' checker code (in the sandbox), or an LLM judge (prompts/judge.md)"
     )

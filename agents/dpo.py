@@ -7,6 +7,7 @@ every chosen x rejected combination with a strictly better chosen score is a pai
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -171,6 +172,11 @@ def train_dpo(
 
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
+    # transformers 5.20 renamed gradient_checkpointing to activation_checkpointing; vLLM's
+    # environments pin older ones.
+    names = {f.name for f in dataclasses.fields(TRLDPOConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    on_gpu_flags: dict[str, Any] = {checkpointing: on_gpu}
     try:
         with tempfile.TemporaryDirectory(prefix="coevo-dpo-") as scratch, warnings.catch_warnings():
             # TRL 1.16 still calls transformers 5's deprecated gradient_checkpointing* aliases.
@@ -183,7 +189,7 @@ def train_dpo(
                 # TRL defaults bf16 to True; on CPU that autocasts a float32 model to bf16.
                 bf16=on_gpu and torch.cuda.is_bf16_supported(),
                 # Trades compute for memory: worth it on a GPU, only slower on CPU-sized models.
-                activation_checkpointing=on_gpu,
+                **on_gpu_flags,
                 per_device_train_batch_size=settings.batch_size,
                 num_train_epochs=settings.epochs,
                 learning_rate=settings.learning_rate,

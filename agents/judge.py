@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from agents.answer_text import extract_answer
 from agents.console import one_line, say
 from agents.prompts import load_prompt
+from agents.task_format import same_answer
 from agents.tasks import Task, TaskFamily
 from sandbox.jobs import CheckJob, Runner
 
@@ -68,8 +70,10 @@ def mean_score(scored: Sequence[Scored]) -> float:
 
 
 def exact_scores(tasks: Sequence[Task], answers: Sequence[str]) -> list[Scored]:
-    """Each answer scored by exact match against its task's reference answer."""
-    return [Scored(t.task_id, a, exact_match(a, t.answer)) for t, a in zip(tasks, answers, strict=True)]
+    """Each (extracted) answer scored by exact match against its task's reference answer; as
+    numbers when the task set's format says so."""
+    return [Scored(t.task_id, a, 1.0 if same_answer(a, t.answer, t.fmt) else 0.0)
+            for t, a in zip(tasks, answers, strict=True)]
 
 
 # --------------------------------------------------------------------------- checkers
@@ -132,49 +136,6 @@ def score_answers(
                              "answer": answers[model_id][i], "score": scores[position]})
                 position += 1
     return rows
-
-
-# --------------------------------------------------------------------------- answers
-
-_ANSWER_LINE = re.compile(r"^[\s>*_#-]*(?:final\s+)?answer\s*[*_]*\s*[:：]\s*[*_]*\s*(.*)$", re.I)
-_BOXED = "\\boxed{"
-
-
-def extract_answer(text: str) -> str:
-    """The final answer in an LLM's reply, stripped: the last `Answer: ...` / `Final answer:
-    ...` line (or the line after it, when the label stands alone), else the last
-    `\\boxed{...}`, else the last non-empty line."""
-    lines = text.splitlines()
-    for index in range(len(lines) - 1, -1, -1):
-        match = _ANSWER_LINE.match(lines[index])
-        if match is None:
-            continue
-        answer = match.group(1).strip()
-        if lines[index].lstrip().startswith(("*", "_")):  # "**Answer: 42**"
-            answer = answer.rstrip("*_").strip()
-        if answer:
-            return answer
-        following = [line.strip() for line in lines[index + 1 :] if line.strip()]
-        if following:
-            return following[0]
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    non_empty = [line.strip() for line in lines if line.strip()]
-    return non_empty[-1] if non_empty else ""
-
-
-def _last_boxed(text: str) -> str | None:
-    """The contents of the last `\\boxed{...}` with balanced braces, if any."""
-    start = text.rfind(_BOXED)
-    while start != -1:
-        depth = 1
-        for at in range(start + len(_BOXED), len(text)):
-            depth += {"{": 1, "}": -1}.get(text[at], 0)
-            if depth == 0:
-                return text[start + len(_BOXED) : at]
-        start = text.rfind(_BOXED, 0, start)  # unbalanced (cut off): try an earlier one
-    return None
 
 
 # --------------------------------------------------------------------------- LLM judge

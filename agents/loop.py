@@ -28,7 +28,8 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 
 from agents.answerer import Answerer
 from agents.config import DiscoveryConfig
-from agents.console import one_line, progress
+from agents.console import one_line, progress, say
+from agents.vllm_answerer import VLLMAnswerer
 from archive_store import Archive, prompt_hash
 from sandbox.jobs import MergeJob, Runner, SandboxResult
 from sandbox.policy import PolicyVerdict, code_hash
@@ -52,16 +53,24 @@ class LoopContext:
     runner: Runner
     base_dir: Path
     expert_dirs: list[Path]
-    _answerer: Answerer | None = field(default=None, repr=False)
+    _answerer: Answerer | VLLMAnswerer | None = field(default=None, repr=False)
 
     @property
-    def answerer(self) -> Answerer:
+    def answerer(self) -> Answerer | VLLMAnswerer:
         """The resident model that answers tasks, hot-swapping each model's weights."""
         if self._answerer is None:
             cfg = self.config.judge
-            self._answerer = Answerer(
-                self.base_dir, device=cfg.device, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
-            )
+            if cfg.engine == "vllm":
+                self._answerer = VLLMAnswerer(
+                    self.base_dir, max_new_tokens=cfg.max_new_tokens, dtype=cfg.vllm_dtype,
+                    gpu_memory_utilization=cfg.vllm_memory, max_model_len=cfg.vllm_max_model_len,
+                    tensor_parallel_size=cfg.vllm_tensor_parallel, seed=self.config.seed,
+                )
+                say(f"[judge] vLLM engine up in {self._answerer.start_seconds:.0f}s; each model's weights are swapped in")
+            else:
+                self._answerer = Answerer(
+                    self.base_dir, device=cfg.device, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
+                )
         return self._answerer
 
     def model_dir(self, model_id: str) -> Path:

@@ -58,7 +58,9 @@ from agents.selection import (
 )
 from agents.task_writer import AdaptResult, TaskWriter, adapt, seed_pool
 from agents.tasks import (
+    Task,
     TaskFamily,
+    family_format,
     family_from_row,
     family_rows,
     family_task_rows,
@@ -96,10 +98,15 @@ class PopulationContext(LoopContext):
     _families: dict[str, TaskFamily] | None = field(default=None, repr=False)
 
     def answers(self, model_dir: Path, tasks: list[FamilyTask]) -> list[str]:
-        """A model's answers to `tasks`, long enough for the longest reference solution."""
+        """A model's answers to `tasks`, long enough for the longest reference solution; the
+        families of a user's task set with a format are answered and read its way."""
         longest = max((len(str(instance.get("solution", ""))) for _, _, _, instance in tasks), default=0)
         self.answerer.max_new_tokens = max(self.config.judge.max_new_tokens, longest + 2)
-        return self.answerer.answer(model_dir, [prompt for _, prompt, _, _ in tasks])
+        formats = [family_format(family) for _, _, family, _ in tasks]
+        if all(fmt.plain for fmt in formats):
+            return self.answerer.answer(model_dir, [prompt for _, prompt, _, _ in tasks])
+        as_tasks = [Task(task_id, "", "dev", prompt, "", fmt) for (task_id, prompt, _, _), fmt in zip(tasks, formats, strict=True)]
+        return self.answerer.answer_tasks(model_dir, as_tasks)
 
     def families(self) -> dict[str, TaskFamily]:
         """The active task families, read from the archive once and kept up to date after."""

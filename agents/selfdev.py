@@ -63,7 +63,7 @@ class SelfdevContext(LoopContext):
 
     def score(self, model_dir: Path, tasks: list[Task]) -> list[Scored]:
         """The answers of the model in `model_dir` to `tasks`, scored by exact match."""
-        return exact_scores(tasks, self.answerer.answer(model_dir, [t.prompt for t in tasks]))
+        return exact_scores(tasks, self.answerer.answer_tasks(model_dir, tasks))
 
     def evaluation_rows(self, model_id: str, tasks: list[Task], scored: list[Scored]) -> list[dict[str, Any]]:
         return [

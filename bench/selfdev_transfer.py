@@ -30,7 +30,7 @@ from sandbox.runners import make_runner
 
 
 def score(answerer: Answerer, model_dir: Path, tasks: list[Task]) -> float:
-    return mean_score(exact_scores(tasks, answerer.answer(model_dir, [t.prompt for t in tasks])))  # %
+    return mean_score(exact_scores(tasks, answerer.answer_tasks(model_dir, tasks)))  # %
 
 
 def transfer_seed(workdir: Path, seed: int, runner_kind: str) -> dict[str, object]:

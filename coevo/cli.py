@@ -85,6 +85,23 @@ def cmd_zoo_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks_show(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from agents.tasks import load_tasks
+
+    tasks = load_tasks(args.dir)
+    counts = Counter((t.skill, t.split) for t in tasks)
+    for (skill, split), n in sorted(counts.items()):
+        print(f"{skill} {split}: {n} tasks")
+    fmt = tasks[0].fmt
+    print(f"format: {fmt.shots}-shot, chat {'on' if fmt.chat else 'off'}, stop {list(fmt.stop)}, "
+          f"max {fmt.max_new_tokens} new tokens, extract {fmt.extract}, numeric {'yes' if fmt.numeric else 'no'}")
+    for task in [t for t in tasks if t.split == args.split][: args.n]:
+        print(f"\n--- {task.task_id} (reference answer: {task.answer!r})\n{task.prompt}")
+    return 0
+
+
 def _archive_path(args: argparse.Namespace) -> Path:
     from archive_store import ArchiveError
 
@@ -232,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.set_defaults(func=cmd_zoo_info)
 
+    tasks = sub.add_parser("tasks", help="task sets").add_subparsers(dest="tasks_cmd", required=True)
+    p = tasks.add_parser("show", help="load a task set (format.toml included): counts, format, rendered prompts")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--split", choices=["dev", "test"], default="dev")
+    p.add_argument("-n", type=int, default=1, help="how many rendered prompts to print")
+    p.set_defaults(func=cmd_tasks_show)
+
     add_sandbox_parser(sub)
 
     p = sub.add_parser("sql", help="query the archive with SQL (interactive without -c/-f)")
@@ -281,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("transformers", "datasets", "httpx"):
+    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)

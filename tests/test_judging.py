@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from openai_stub import completions_server
 
+from agents.answer_text import extract_answer
 from agents.backends import OpenAIBackend
 from agents.judge import (
     UNPARSABLE_REPLIES,
@@ -22,7 +23,6 @@ from agents.judge import (
     HeuristicGibberishFilter,
     LLMGibberishFilter,
     LLMJudge,
-    extract_answer,
     parse_verdict,
     pick_best_of_n,
     score_with_checker,

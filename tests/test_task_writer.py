@@ -25,7 +25,7 @@ from agents.novelty import (
     make_novelty,
 )
 from agents.task_writer import LLMTaskWriter, adapt, adaptation_action, seed_pool, validate
-from agents.tasks import Rejection, Task, TaskFamily, families_from_tasks
+from agents.tasks import Rejection, Task, TaskFamily, families_from_tasks, family_format
 from coevo.zoo.skills import LETTERS
 from coevo.zoo.task_families import ProceduralTaskWriter, procedural_family
 from coevo.zoo.tiny import save_tiny_llama
@@ -254,6 +254,21 @@ def test_user_tasks_become_seed_families(runner: ProcessRunner) -> None:
     (family,) = families_from_tasks(tasks, prefix="user")
     assert family.family_id == "user/seed/spell" and len(family.instances) == 3
     assert validate(family, runner) is None
+
+
+def test_user_tasks_with_a_numeric_format_get_a_numeric_checker(runner: ProcessRunner) -> None:
+    from agents.judge import score_with_checker
+    from agents.task_format import TaskFormat
+
+    fmt = TaskFormat(extract="last_number", numeric=True, max_new_tokens=32, stop=("\n\n",))
+    tasks = [Task(f"m/dev/{i}", "math", "dev", f"Q: {a} + {a}?\nA:", str(2 * a), fmt) for i, a in enumerate([500, 1500])]
+    (family,) = families_from_tasks(tasks, prefix="user")
+    assert family_format(family) == fmt
+    (plain,) = families_from_tasks([Task("p/dev/0", "plain", "dev", "x=", "y")], prefix="user")
+    assert family_format(plain).plain and "format" not in plain.params
+    cases = [{"answer": answer, "instance": family.instances[1]} for answer in ("3,000", "3000.0", "$3000", "2999", "three")]
+    scores, problem = score_with_checker(runner, family.checker, cases)
+    assert problem is None and scores == [1.0, 1.0, 1.0, 0.0, 0.0]
 
 
 # --- adaptation -----------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def test_zoo_manifest_numbers_are_reproduced_by_a_fresh_measurement(zoo_dir: Pat
     test = [t for t in load_tasks(zoo_dir / "tasks") if t.split == "test"]
     answerer = Answerer(zoo_dir / "base")
     for name, path in [("base", "base"), ("expert:upper", "experts/upper"), ("multitask", "multitask")]:
-        answers = answerer.answer(zoo_dir / path, [t.prompt for t in test])
+        answers = answerer.answer_tasks(zoo_dir / path, test)
         for skill in DISCOVERY:
             pairs = [(a, t.answer) for a, t in zip(answers, test, strict=True) if t.skill == skill]
             accuracy = 100 * sum(a == ref for a, ref in pairs) / len(pairs)

@@ -93,7 +93,7 @@ def ensure_zoo(zoo_dir: Path, *, seed: int, runner_kind: str = "auto") -> Path:
 
 def _skill_scores(answerer: Answerer, model_dir: Path, tasks: list[Task]) -> dict[str, float]:
     """Accuracy (%) per skill of `tasks`, and their average."""
-    answers = answerer.answer(model_dir, [t.prompt for t in tasks])
+    answers = answerer.answer_tasks(model_dir, tasks)
     scored = {s.task_id: s for s in exact_scores(tasks, answers)}
     skills = list(dict.fromkeys(t.skill for t in tasks))
     per_skill = {
@@ -235,11 +235,10 @@ def _check_generator(zoo_dir: Path, tmp: Path, runner_kind: str, answerer: Answe
         runner.close()
     verdicts: dict[str, int] = {}
     dev_scores = []
-    prompts = [t.prompt for t in dev]
     for job, result in zip(jobs, results, strict=True):
         verdicts[result.verdict] = verdicts.get(result.verdict, 0) + 1
         if result.verdict == "ok":
-            dev_scores.append(round(mean_score(exact_scores(dev, answerer.answer(job.out_dir, prompts))), 1))
+            dev_scores.append(round(mean_score(exact_scores(dev, answerer.answer_tasks(job.out_dir, dev))), 1))
     return {
         "samples": len(results),
         "temperature": 1.0,
