@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,18 +19,51 @@ from agents.tasks import Task
 from merging.io import open_weights
 
 
-class Resident(Protocol):
-    """What the judge needs of a resident model: this transformers one, or the vLLM engine
-    (`agents.vllm_answerer.VLLMAnswerer`)."""
+class Resident:
+    """A resident model the judge asks: this module's transformers `Answerer`, or the vLLM
+    engine (`agents.vllm_answerer.VLLMAnswerer`). Subclasses swap weights in (`load`) and
+    write greedy replies (`replies`); reading answers out of them is shared here."""
 
+    tokenizer: Any
     max_new_tokens: int
 
-    def load(self, model_dir: Path) -> None: ...
-    def answer(self, model_dir: Path, prompts: Sequence[str]) -> list[str]: ...
-    def answer_tasks(self, model_dir: Path, tasks: Sequence[Task]) -> list[str]: ...
+    def load(self, model_dir: Path) -> None:
+        raise NotImplementedError
+
+    def replies(
+        self, prompts: Sequence[str], *, max_new_tokens: int | None = None, stop: Sequence[str] = ()
+    ) -> list[str]:
+        raise NotImplementedError
+
+    def answers(self, prompts: Sequence[str]) -> list[str]:
+        """The loaded model's greedy answer to each prompt: the first line it writes, stripped."""
+        return [reply.split("\n", 1)[0].strip() for reply in self.replies(prompts)]
+
+    def answer(self, model_dir: Path, prompts: Sequence[str]) -> list[str]:
+        """The answers of the model in `model_dir` (swapped in first) to `prompts`."""
+        self.load(model_dir)
+        return self.answers(prompts)
+
+    def answer_tasks(self, model_dir: Path, tasks: Sequence[Task]) -> list[str]:
+        """The answers of the model in `model_dir` to `tasks`, each shown and read the way its
+        task set's format says (chat template, answer length, stops, extraction)."""
+        self.load(model_dir)
+        out = [""] * len(tasks)
+        by_format: dict[TaskFormat, list[int]] = {}
+        for index, task in enumerate(tasks):
+            by_format.setdefault(task.fmt, []).append(index)
+        for fmt, indices in by_format.items():
+            if fmt.plain:  # the zoo's format: as `answers`, at the judge's answer length
+                replies = self.replies([tasks[i].prompt for i in indices])
+            else:
+                prompts = [chat_prompt(tasks[i].prompt, fmt, self.tokenizer) for i in indices]
+                replies = self.replies(prompts, max_new_tokens=fmt.max_new_tokens, stop=fmt.stop)
+            for i, reply in zip(indices, replies, strict=True):
+                out[i] = read_reply(reply, fmt)
+        return out
 
 
-class Answerer:
+class Answerer(Resident):
     """Answers prompts with any model that shares the base model's architecture."""
 
     def __init__(
@@ -79,31 +112,4 @@ class Answerer:
                 )
             new_tokens = generated[:, enc["input_ids"].shape[1] :]
             out += [cut_at_stop(text, stop) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-        return out
-
-    def answers(self, prompts: Sequence[str]) -> list[str]:
-        """The loaded model's greedy answer to each prompt: the first line it writes, stripped."""
-        return [reply.split("\n", 1)[0].strip() for reply in self.replies(prompts)]
-
-    def answer(self, model_dir: Path, prompts: Sequence[str]) -> list[str]:
-        """The answers of the model in `model_dir` (swapped in first) to `prompts`."""
-        self.load(model_dir)
-        return self.answers(prompts)
-
-    def answer_tasks(self, model_dir: Path, tasks: Sequence[Task]) -> list[str]:
-        """The answers of the model in `model_dir` to `tasks`, each shown and read the way its
-        task set's format says (chat template, answer length, stops, extraction)."""
-        self.load(model_dir)
-        out = [""] * len(tasks)
-        by_format: dict[TaskFormat, list[int]] = {}
-        for index, task in enumerate(tasks):
-            by_format.setdefault(task.fmt, []).append(index)
-        for fmt, indices in by_format.items():
-            if fmt.plain:  # the zoo's format: as `answers`, at the judge's answer length
-                replies = self.replies([tasks[i].prompt for i in indices])
-            else:
-                prompts = [chat_prompt(tasks[i].prompt, fmt, self.tokenizer) for i in indices]
-                replies = self.replies(prompts, max_new_tokens=fmt.max_new_tokens, stop=fmt.stop)
-            for i, reply in zip(indices, replies, strict=True):
-                out[i] = read_reply(reply, fmt)
         return out

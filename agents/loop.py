@@ -26,7 +26,7 @@ from typing import Any
 
 from langgraph.checkpoint.sqlite import SqliteSaver
 
-from agents.answerer import Answerer
+from agents.answerer import Answerer, Resident
 from agents.config import DiscoveryConfig
 from agents.console import one_line, progress, say
 from agents.vllm_answerer import VLLMAnswerer
@@ -53,10 +53,10 @@ class LoopContext:
     runner: Runner
     base_dir: Path
     expert_dirs: list[Path]
-    _answerer: Answerer | VLLMAnswerer | None = field(default=None, repr=False)
+    _answerer: Resident | None = field(default=None, repr=False)
 
     @property
-    def answerer(self) -> Answerer | VLLMAnswerer:
+    def answerer(self) -> Resident:
         """The resident model that answers tasks, hot-swapping each model's weights."""
         if self._answerer is None:
             cfg = self.config.judge

@@ -2,8 +2,9 @@
 model's weights swapped in with `reload_weights`, all its tasks answered in one batched
 greedy `generate`.
 
-The same interface as `agents.answerer.Answerer` (the transformers judge, for CPU and tiny
-models): `load`, `replies`, `answers`, `answer`, `answer_tasks`. Greedy decoding on both gives
+A `agents.answerer.Resident`, like the transformers judge for CPU and tiny models
+(`agents.answerer.Answerer`): it swaps weights in (`load`) and writes replies (`replies`); the
+answers are read the same way for both. Greedy decoding on both gives
 the same answers on the zoo's models (tests/test_vllm.py).
 
 A swap costs a weights read (tens of ms on the zoo, seconds at 7B from RAM-backed storage)
@@ -12,20 +13,17 @@ where a restart costs the engine's start (25-60 s on 2 CPU cores, minutes on a G
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agents.answerer import Resident
 from agents.backends import BackendError
-from agents.task_format import TaskFormat, chat_prompt, cut_at_stop, read_reply
-from agents.tasks import Task
-
-log = logging.getLogger("coevo.judging")
+from agents.task_format import cut_at_stop
 
 
-class VLLMAnswerer:
+class VLLMAnswerer(Resident):
     """Answers prompts with a resident vLLM engine on the base's architecture."""
 
     def __init__(
@@ -79,28 +77,3 @@ class VLLMAnswerer:
         )
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
         return [cut_at_stop(out.outputs[0].text, stop) for out in outputs]
-
-    def answers(self, prompts: Sequence[str]) -> list[str]:
-        """The loaded model's greedy answer to each prompt: the first line it writes, stripped."""
-        return [reply.split("\n", 1)[0].strip() for reply in self.replies(prompts)]
-
-    def answer(self, model_dir: Path, prompts: Sequence[str]) -> list[str]:
-        self.load(model_dir)
-        return self.answers(prompts)
-
-    def answer_tasks(self, model_dir: Path, tasks: Sequence[Task]) -> list[str]:
-        """As `Answerer.answer_tasks`: each task shown and read its task set's way."""
-        self.load(model_dir)
-        out = [""] * len(tasks)
-        by_format: dict[TaskFormat, list[int]] = {}
-        for index, task in enumerate(tasks):
-            by_format.setdefault(task.fmt, []).append(index)
-        for fmt, indices in by_format.items():
-            if fmt.plain:
-                replies = self.replies([tasks[i].prompt for i in indices])
-            else:
-                prompts = [chat_prompt(tasks[i].prompt, fmt, self.tokenizer) for i in indices]
-                replies = self.replies(prompts, max_new_tokens=fmt.max_new_tokens, stop=fmt.stop)
-            for i, reply in zip(indices, replies, strict=True):
-                out[i] = read_reply(reply, fmt)
-        return out
