@@ -450,7 +450,7 @@ def remove_stale_containers(client: Any) -> None:
     """Remove sandbox containers left by coevo processes on this host that no longer exist."""
     host = socket.gethostname()
     try:
-        containers = client.containers.list(all=True, filters={"label": LABEL})
+        containers = client.containers.list(all=True, filters={"label": LABEL}, ignore_removed=True)
     except Exception:  # noqa: BLE001
         return
     for container in containers:

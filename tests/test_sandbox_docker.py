@@ -82,7 +82,7 @@ def _sandbox_containers(runner: Any) -> list[Any]:
 
     return [
         c
-        for c in runner.client.containers.list(all=True, filters={"label": LABEL})
+        for c in runner.client.containers.list(all=True, filters={"label": LABEL}, ignore_removed=True)
         if c.name.startswith("coevo-sandbox-") and (runner.scratch / c.name).exists()
     ]
 
@@ -450,7 +450,7 @@ def test_stale_containers_of_dead_sessions_are_removed(docker_ready: None) -> No
             labels={LABEL: "1", f"{LABEL}.host": socket.gethostname(), f"{LABEL}.pid": "999999999"},
         )
         _remove_stale_containers(runner.client)
-        names = [c.name for c in runner.client.containers.list(all=True)]
+        names = [c.name for c in runner.client.containers.list(all=True, ignore_removed=True)]
         assert stale.name not in names
     finally:
         runner.close()
