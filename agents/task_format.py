@@ -102,13 +102,16 @@ def extract(text: str, how: Extractor, pattern: str = "") -> str:
     return (matches[-1].group(1) or "").strip() if matches else ""
 
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """`text` up to the first of the stop sequences."""
+def truncate_at_stop(text: str, stop: Sequence[str] | None) -> str:
+    """`text` up to (not including) the earliest occurrence of any stop string."""
+    if not stop:
+        return text
     cut = len(text)
     for s in stop:
-        at = text.find(s)
-        if at != -1:
-            cut = min(cut, at)
+        if s:
+            at = text.find(s)
+            if at != -1:
+                cut = min(cut, at)
     return text[:cut]
 
 
@@ -135,7 +138,7 @@ def same_answer(answer: str, reference: str, fmt: TaskFormat) -> bool:
 
 def read_reply(reply: str, fmt: TaskFormat) -> str:
     """The answer in a model's reply: cut at the stop sequences, then extracted."""
-    return extract(cut_at_stop(reply, fmt.stop), fmt.extract, fmt.pattern)
+    return extract(truncate_at_stop(reply, fmt.stop), fmt.extract, fmt.pattern)
 
 
 def render_prompt(prompt: str, fmt: TaskFormat, pool: Sequence[tuple[str, str]], *, key: str) -> str:

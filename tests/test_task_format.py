@@ -15,11 +15,11 @@ from agents.task_format import (
     TaskFormat,
     as_number,
     chat_prompt,
-    cut_at_stop,
     extract,
     read_reply,
     render_prompt,
     same_answer,
+    truncate_at_stop,
 )
 from agents.tasks import TaskFileError, load_tasks
 
@@ -84,7 +84,7 @@ def test_numeric_equivalence() -> None:
 
 
 def test_stops_cut_the_reply_at_the_earliest_stop() -> None:
-    assert cut_at_stop("7\n\nQuestion: next", ["Question:", "\n\n"]) == "7"
+    assert truncate_at_stop("7\n\nQuestion: next", ["Question:", "\n\n"]) == "7"
     fmt = TaskFormat(stop=("\n\nQuestion:",), extract="gsm8k")
     assert read_reply("4 + 4 = 8\n#### 8\n\nQuestion: 2 + 2?\nAnswer: #### 4", fmt) == "8"
 
