@@ -62,7 +62,18 @@ class ModelsConfig(Section):
 
 
 class GeneratorConfig(LLMConfig):
-    """The algorithm-writing LLM (model '' = the zoo's seed generator) and how it is sampled."""
+    """The algorithm-writing LLM (model '' = the zoo's seed generator) and how it is sampled.
+
+    Served (backend "openai"), `model` is the served name and `weights` the local HF dir the
+    server serves: DPO trains LoRA adapters over those weights and hot-loads each into the
+    server. In-process, `model` is that dir itself."""
+
+    weights: str = Field(
+        "", description="backend = 'openai': the local HF dir the server serves (what DPO trains); '' = the zoo's seed generator"
+    )
+    server_workdir: str = Field(
+        "", description="backend = 'openai': the session workdir as the server sees it (e.g. its container mount); '' = same path"
+    )
 
     programs_per_iteration: int = Field(64, ge=1)
     temperature_start: float = Field(1.0, gt=0, description="paper: 1.2")
@@ -112,7 +123,7 @@ class DPOConfig(Section):
     learning_rate: float = Field(5e-5, gt=0)
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(8, ge=1)
-    lora_rank: int = Field(0, description="0 = full fine-tune (tiny models); paper: 256")
+    lora_rank: int = Field(0, description="0 = full fine-tune, a model dir per version (tiny models); > 0 = LoRA, an adapter per version (a served generator needs it); paper: 256")
     max_length: int = Field(1024, ge=64)
 
     @field_validator("lora_rank")
@@ -226,6 +237,16 @@ class DiscoveryConfig(Section):
             raise ValueError("population.selection: acdc mode selects with dns or random (map_elites is cycleqd)")
         if self.mode != "selfdev" and self.tasks.writer == "llm" and not self.tasks.llm.model:
             raise ValueError("tasks.writer = 'llm' needs tasks.llm.model (and tasks.llm.base_url for an OpenAI-compatible server)")
+        g = self.generator
+        if self.mode == "selfdev" and g.backend == "openai" and self.dpo.enabled and not self.dpo.lora_rank:
+            raise ValueError(
+                "dpo.lora_rank: a served generator (generator.backend = 'openai') learns through LoRA adapters "
+                "hot-loaded into its server: set dpo.lora_rank (paper: 256), or dpo.enabled = false"
+            )
+        if self.mode == "selfdev" and g.backend == "openai" and self.dpo.enabled and self.models.base and not g.weights:
+            raise ValueError(
+                "generator.weights: a served generator that DPO trains needs the local HF dir its server serves"
+            )
         if self.judge.scoring == "llm" and not self.judge.llm.model:
             raise ValueError("judge.scoring = 'llm' needs judge.llm.model")
         if (self.population.gibberish == "llm" or self.judge.best_of_n == "llm") and not self.judge.llm.model:

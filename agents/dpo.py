@@ -22,7 +22,7 @@ from typing import Any
 
 import datasets
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
@@ -129,16 +129,29 @@ def _last_logged(history: list[dict[str, Any]], key: str) -> float | None:
 
 
 def train_dpo(
-    model_dir: Path, pairs: list[dict[str, Any]], out_dir: Path, settings: DPOConfig, *, seed: int = 0
+    model_dir: Path,
+    pairs: list[dict[str, Any]],
+    out_dir: Path,
+    settings: DPOConfig,
+    *,
+    seed: int = 0,
+    adapter: Path | None = None,
 ) -> DPOResult:
-    """Train the model in `model_dir` on `pairs` with DPO and save it as a plain HF model dir.
+    """Train the model in `model_dir` (plus the LoRA `adapter`, if any) on `pairs` with DPO.
 
-    `settings.lora_rank` 0 is a full fine-tune; otherwise LoRA of that rank (alpha = 2 * rank).
-    Full fine-tuning keeps a frozen copy of the start model as the DPO reference (TRL loads it
-    from `model_dir`); LoRA uses the adapter-disabled model as reference and the adapter is
-    merged into the weights before saving. `out_dir` appears only once it is complete.
+    `settings.lora_rank` 0 is a full fine-tune, saved as a plain HF model dir; the DPO
+    reference is a frozen copy of the start model. Otherwise LoRA (alpha = 2 * rank) and only
+    the adapter is saved (a PEFT adapter dir over `model_dir`'s weights, megabytes where the
+    model is gigabytes): a new adapter of rank `lora_rank`, or, given `adapter` (the current
+    version), that adapter trained further, against a frozen copy of it as the reference, so
+    every version stays one adapter over the same weights a server already holds. `out_dir`
+    appears only once it is complete.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if adapter is not None and not settings.lora_rank:
+        raise ValueError("train_dpo got a LoRA adapter to continue but lora_rank 0 (a full fine-tune)")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} is not a PEFT adapter dir: no adapter_config.json")
     if not pairs:
         raise ValueError(
             "train_dpo got no preference pairs: score more programs or widen fractions"
@@ -156,19 +169,22 @@ def train_dpo(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     use_cache = model.config.use_cache
-    peft_config = (
-        LoraConfig(
+    peft_config = None
+    if adapter is not None:
+        # TRL copies this adapter into a frozen "ref" one: the reference is the current version.
+        with warnings.catch_warnings():  # PEFT still calls a deprecated transformers alias
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    elif settings.lora_rank:
+        peft_config = LoraConfig(
             r=settings.lora_rank,
             lora_alpha=2 * settings.lora_rank,
             lora_dropout=0.0,
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-        if settings.lora_rank
-        else None
-    )
 
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -220,10 +236,13 @@ def train_dpo(
             datasets.enable_progress_bars()
 
     if settings.lora_rank:
-        trained = trained.merge_and_unload()
-    # Trainer sets config.use_cache = False for training; saved as is, generation would be slow.
-    trained.config.use_cache = use_cache
-    _save_atomically(trained, tokenizer, out_dir)
+        if "ref" in trained.peft_config:
+            trained.delete_adapter("ref")
+        _save_atomically(trained, None, out_dir)
+    else:
+        # Trainer sets config.use_cache = False for training; saved as is, generation would be slow.
+        trained.config.use_cache = use_cache
+        _save_atomically(trained, tokenizer, out_dir)
 
     duration = time.perf_counter() - start
     final_loss = _last_logged(history, "loss")
@@ -246,14 +265,15 @@ def train_dpo(
     return result
 
 
-def _save_atomically(model: Any, tokenizer: Any, out_dir: Path) -> None:
+def _save_atomically(model: Any, tokenizer: Any | None, out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         os.replace(tmp, out_dir)
     finally:
         if tmp.exists():

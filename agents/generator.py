@@ -3,7 +3,8 @@
 It is prompted with `prompts/generator.md` and the archive's best algorithms so far with their
 dev scores, samples N completions at a temperature that decays over the iterations, and its
 programs are cut out of the completions and vetted (static policy, duplicates) before anything
-runs. DPO (`agents.dpo`) trains new versions of it; `backend(path)` follows the current one.
+runs. DPO (`agents.dpo`) trains new versions of it (`GeneratorVersion`: a model dir, or weights plus
+a LoRA adapter); `backend(version)` follows the current one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agents.backends import LLMBackend
+from agents.backends import Adapter, VersionedBackend
 from agents.config import GeneratorConfig
 from agents.console import say
 from agents.prompts import Prompt
@@ -62,6 +63,28 @@ class Vetted:
         return self.verdict.ok and self.duplicate_of is None
 
 
+@dataclass(frozen=True)
+class GeneratorVersion:
+    """One version of the generator: a full HF model dir, or the start weights plus a LoRA
+    adapter (LoRA DPO), sampled under `served_name` where the backend serves adapters by name."""
+
+    number: int
+    weights: Path
+    adapter: Path | None = None
+    served_name: str | None = None
+
+    @property
+    def lora(self) -> Adapter | None:
+        if self.adapter is None:
+            return None
+        return Adapter(self.served_name or self.adapter.name, self.adapter)
+
+
+def adapter_name(session_id: str, version: int) -> str:
+    """The name a LoRA version is served under: unique per session and version."""
+    return f"coevo-{session_id}-v{version}"
+
+
 class Generator:
     """The algorithm writer: its prompt, its sampling schedule and its current version."""
 
@@ -69,7 +92,7 @@ class Generator:
         self,
         config: GeneratorConfig,
         prompt: Prompt,
-        make_backend: Callable[[Path], LLMBackend],
+        make_backend: Callable[[Path], VersionedBackend],
         *,
         n_experts: int,
         iterations: int,
@@ -79,19 +102,25 @@ class Generator:
         self.make_backend = make_backend
         self.n_experts = n_experts
         self.iterations = iterations
-        self._backend: LLMBackend | None = None
-        self._backend_path: Path | None = None
+        self._backend: VersionedBackend | None = None
 
-    def backend(self, path: Path) -> LLMBackend:
-        """The backend serving the generator version at `path`, (re)loaded when it changed."""
+    def backend(self, version: GeneratorVersion) -> VersionedBackend:
+        """The backend serving `version`: built on first use; a new version is loaded into it
+        (a full model dir reloaded, an adapter merged, passed per request or hot-loaded into
+        the server)."""
         if self._backend is None:
-            self._backend = self.make_backend(path)
-        elif self._backend_path != path:
-            reload = getattr(self._backend, "reload", None)
-            if reload is not None:
-                reload(path)
-        self._backend_path = path
+            self._backend = self.make_backend(version.weights)
+        self._backend.use(version.weights, version.lora)
         return self._backend
+
+    def served_name(self, version: GeneratorVersion) -> str | None:
+        """The name `version` is sampled under: the served model or adapter name behind a
+        server, the adapter name of an in-process vLLM engine; None for a local model dir."""
+        if self.config.backend == "openai":
+            return version.lora.name if version.lora else self.config.model
+        if self.config.backend == "vllm" and version.lora:
+            return version.lora.name
+        return None
 
     def temperature(self, iteration: int) -> float:
         """Linear decay from `temperature_start` to `temperature_end` at the last iteration."""
@@ -104,12 +133,15 @@ class Generator:
         shown = [(e["code"], 100 * e["dev_score"]) for e in exemplars]
         return self.prompt.render(n_experts=self.n_experts, exemplars=format_exemplars(shown))
 
-    def sample(self, path: Path, prompt_text: str, *, temperature: float, seed: int, label: str) -> list[str]:
-        """`programs_per_iteration` completions of `prompt_text` from the version at `path`."""
+    def sample(
+        self, version: GeneratorVersion, prompt_text: str, *, temperature: float, seed: int, label: str
+    ) -> list[str]:
+        """`programs_per_iteration` completions of `prompt_text` from `version`."""
         cfg = self.config
-        say(f"{label}: sampling {cfg.programs_per_iteration} programs at T={temperature:.2f}")
+        backend = self.backend(version)
+        say(f"{label}: sampling {cfg.programs_per_iteration} programs at T={temperature:.2f} ({backend.name})")
         started = time.time()
-        completions = self.backend(path).generate(
+        completions = backend.generate(
             [prompt_text], n=cfg.programs_per_iteration, temperature=temperature, top_p=cfg.top_p,
             max_new_tokens=cfg.max_new_tokens, seed=seed, stop=[FENCE],
         )[0]

@@ -14,6 +14,7 @@ nothing lost or done twice.
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict
@@ -24,7 +25,7 @@ from langgraph.runtime import Runtime
 from agents.baselines import baseline_merge
 from agents.console import percent, progress, say
 from agents.dpo import make_preference_pairs, train_dpo
-from agents.generator import Generator, completion_text
+from agents.generator import Generator, GeneratorVersion, adapter_name, completion_text
 from agents.generator import vet as vet_programs
 from agents.judge import Scored, exact_scores, mean_score
 from agents.loop import LoopContext, algorithm_row, run_merge_jobs, sandbox_run_row
@@ -39,7 +40,8 @@ JUDGE = "exact_match"
 class SessionState(TypedDict, total=False):
     iteration: int
     generator_version: int
-    generator_path: str
+    generator_path: str       # the version's model dir; for LoRA versions, the weights under the adapter
+    generator_adapter: str    # the version's LoRA adapter dir ('' = none)
     prompt_text: str
     proposals: list[dict[str, Any]]
     to_execute: list[str]
@@ -54,6 +56,14 @@ class SelfdevContext(LoopContext):
     tasks: list[Task]
     task_prefix: str
     generator: Generator
+
+    def generator_version(self, state: SessionState) -> GeneratorVersion:
+        """The generator version `state` is at."""
+        number, adapter = state["generator_version"], state.get("generator_adapter", "")
+        return GeneratorVersion(
+            number, Path(state["generator_path"]), Path(adapter) if adapter else None,
+            adapter_name(self.session_id, number) if adapter else None,
+        )
 
     def split(self, name: str) -> list[Task]:
         return [t for t in self.tasks if t.split == name]
@@ -120,7 +130,7 @@ def propose(state: SessionState, runtime: Ctx) -> SessionState:
     prompt_text = generator.render(exemplars)
     temperature = generator.temperature(it)
     completions = generator.sample(
-        Path(state["generator_path"]), prompt_text, temperature=temperature, seed=ctx.config.seed * 1000 + it,
+        ctx.generator_version(state), prompt_text, temperature=temperature, seed=ctx.config.seed * 1000 + it,
         label=f"[iteration {it}] generator v{state['generator_version']}",
     )
     proposals = [
@@ -228,7 +238,10 @@ def select(state: SessionState, runtime: Ctx) -> SessionState:
 
 
 def improve(state: SessionState, runtime: Ctx) -> SessionState:
-    """DPO on this iteration's programs (top vs bottom by dev score); a new generator version."""
+    """DPO on this iteration's programs (top vs bottom by dev score); a new generator version.
+
+    A full fine-tune writes a model dir; LoRA writes only an adapter (the current one trained
+    further), which the generator's backend loads at once (a server hot-loads it)."""
     ctx = runtime.context
     it, version, sid = state["iteration"], state["generator_version"], ctx.session_id
     nxt: SessionState = {"iteration": it + 1}
@@ -237,8 +250,13 @@ def improve(state: SessionState, runtime: Ctx) -> SessionState:
         return nxt
     new_version = version + 1
     out_dir = ctx.workdir / "generators" / sid / f"v{new_version}"
+    lora = bool(cfg.lora_rank)
+    trained: SessionState = (
+        {"generator_version": new_version, "generator_path": state["generator_path"], "generator_adapter": str(out_dir)}
+        if lora else {"generator_version": new_version, "generator_path": str(out_dir), "generator_adapter": ""}
+    )
     if ctx.done(it, "improve"):
-        return {**nxt, "generator_version": new_version, "generator_path": str(out_dir)}
+        return {**nxt, **trained}
     scores = {r["algorithm_id"]: r["dev_score"] for r in ctx.archive.algorithm_scores(sid, it)}
     scored = [
         {"algorithm_id": p["algorithm_id"], "prompt": state["prompt_text"],
@@ -249,10 +267,15 @@ def improve(state: SessionState, runtime: Ctx) -> SessionState:
     if not pairs:
         say(f"  DPO skipped: no preference pairs (all {len(scored)} programs scored alike)")
         return nxt
-    say(f"  DPO: {len(pairs)} pairs, generator v{version} -> v{new_version}")
+    kind = f"LoRA rank {cfg.lora_rank} adapter" if lora else "full fine-tune"
+    say(f"  DPO: {len(pairs)} pairs, generator v{version} -> v{new_version} ({kind})")
     if out_dir.exists():  # a DPO run killed before it was recorded: start it over
         shutil.rmtree(out_dir)
-    result = train_dpo(Path(state["generator_path"]), pairs, out_dir, cfg, seed=ctx.config.seed * 1000 + it)
+    current = ctx.generator_version(state)
+    result = train_dpo(
+        current.weights, pairs, out_dir, cfg, seed=ctx.config.seed * 1000 + it, adapter=current.adapter
+    )
+    new = ctx.generator_version({**state, **trained})
     dpo_run_id = f"{sid}/dpo/it{it}"
     with ctx.step(it, "improve") as archive:  # the prompt itself was archived by `vet`
         archive.add_preference_pairs([
@@ -268,9 +291,17 @@ def improve(state: SessionState, runtime: Ctx) -> SessionState:
             "new_version": new_version, "num_pairs": len(pairs), "config_json": cfg.model_dump(),
             "final_loss": result.final_loss, "duration_s": result.duration_s,
         })
-        archive.add_generator_version(sid, new_version, str(out_dir), parent_version=version, dpo_run_id=dpo_run_id)
+        archive.add_generator_version(
+            sid, new_version, str(out_dir), parent_version=version, dpo_run_id=dpo_run_id,
+            weights=str(new.weights), adapter_path=str(new.adapter) if new.adapter else None,
+            served_name=ctx.generator.served_name(new),
+        )
     say(f"  DPO done in {result.duration_s:.0f}s (loss {result.final_loss:.3f})")
-    return {**nxt, "generator_version": new_version, "generator_path": str(out_dir)}
+    if lora and after_improve({**state, **nxt}, runtime) == "propose":
+        started = time.perf_counter()
+        backend = ctx.generator.backend(new)
+        say(f"  generator v{new_version} loaded in {time.perf_counter() - started:.1f}s: {backend.name}")
+    return {**nxt, **trained}
 
 
 def report(state: SessionState, runtime: Ctx) -> SessionState:

@@ -31,6 +31,15 @@ def latest_unfinished_session(archive: ArchiveReader) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
+def current_generator_version(archive: ArchiveReader, session_id: str) -> dict[str, Any] | None:
+    """A session's newest generator version row (version, path, weights, adapter_path,
+    served_name), or None."""
+    rows = archive.records(
+        "SELECT * FROM generator_versions WHERE session_id = ? ORDER BY version DESC LIMIT 1", [session_id]
+    )
+    return rows[0] if rows else None
+
+
 # ----------------------------------------------------------------------------- algorithms
 
 

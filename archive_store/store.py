@@ -242,8 +242,13 @@ class Archive(ArchiveReader):
         *,
         parent_version: int | None = None,
         dpo_run_id: str | None = None,
+        weights: str | None = None,
+        adapter_path: str | None = None,
+        served_name: str | None = None,
     ) -> None:
-        """Record a generator checkpoint (version 0 is the initial generator)."""
+        """Record a generator checkpoint (version 0 is the initial generator): its dir, the
+        weights it runs on (default: `path`), its LoRA adapter if any, and the name it is
+        sampled under behind a server or vLLM engine."""
         self._insert(
             "generator_versions",
             [
@@ -253,6 +258,9 @@ class Archive(ArchiveReader):
                     "path": str(path),
                     "parent_version": parent_version,
                     "dpo_run_id": dpo_run_id,
+                    "weights": str(weights or path),
+                    "adapter_path": adapter_path,
+                    "served_name": served_name,
                 }
             ],
         )

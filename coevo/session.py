@@ -18,12 +18,12 @@ import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from agents import population, selfdev
-from agents.backends import LLMBackend, make_llm
+from agents.backends import LLMBackend, VersionedBackend, make_generator_backend, make_llm
 from agents.console import say
-from agents.generator import Generator
+from agents.generator import Generator, GeneratorVersion
 from agents.judge import BestOfNPicker, LLMJudge, make_gibberish_filter
 from agents.loop import LoopContext, run_graph
 from agents.novelty import make_novelty
@@ -129,7 +129,10 @@ def run_session(
             for role, prompt in prompts:  # exactly the templates this run's roles read
                 archive.add_prompt(role, prompt.name, prompt.text)
             if not resume and isinstance(ctx, selfdev.SelfdevContext):
-                archive.add_generator_version(session_id, 0, start["generator_path"])
+                archive.add_generator_version(
+                    session_id, 0, start["generator_path"],
+                    served_name=ctx.generator.served_name(ctx.generator_version(cast(selfdev.SessionState, start))),
+                )
                 archive.add_tasks([
                     {"task_id": ctx.task_id(t), "skill": t.skill, "split": t.split, "prompt": t.prompt,
                      "answer": t.answer, "origin": task_set}
@@ -182,22 +185,39 @@ def _selfdev(
 ) -> tuple[selfdev.SelfdevContext, dict[str, Any], list[tuple[str, Prompt]]]:
     config: Config = shared["config"]
     g = config.generator
-    generator_dir = Path(g.model) if g.model else zoo_generator
-    if generator_dir is None:
+    if g.backend == "openai":
+        if not (g.base_url and g.model):
+            raise ConfigError("generator.backend = 'openai' needs generator.base_url and generator.model (the served name)")
+        # What the server serves, and what DPO trains adapters over.
+        weights = Path(g.weights) if g.weights else zoo_generator
+    else:
+        weights = Path(g.model) if g.model else zoo_generator
+    if weights is None:
         raise ConfigError("generator.model is required when models.base is set (a model dir or served name)")
-    if g.backend == "openai" and not (g.base_url and g.model):
-        raise ConfigError("generator.backend = 'openai' needs generator.base_url and generator.model")
+    if config.dpo.enabled and not (weights / "config.json").is_file():
+        key = "generator.weights" if g.backend == "openai" else "generator.model"
+        raise ConfigError(f"{key}: {weights} is not a Hugging Face model dir (no config.json): DPO trains it")
+    lora_rank = config.dpo.lora_rank if config.dpo.enabled else 0
 
-    def make_backend(path: Path) -> LLMBackend:
-        # A local generator is loaded from its current version's dir (DPO writes new ones).
-        return make_llm(g) if g.backend == "openai" else make_llm(g, str(path))
+    def make_backend(path: Path) -> VersionedBackend:
+        # A local generator is loaded from its current version's dir (DPO writes new ones);
+        # a served one is reached at base_url and new versions are hot-loaded into it.
+        return make_generator_backend(g, path, lora_rank=lora_rank, workdir=shared["workdir"])
 
     prompt = load_prompt("generator", _prompts_dir(config))
     generator = Generator(g, prompt, make_backend, n_experts=len(shared["expert_dirs"]),
                           iterations=config.session.iterations)
     tasks = load_tasks(tasks_dir)
     ctx = selfdev.SelfdevContext(**shared, tasks=tasks, task_prefix=task_set, generator=generator)
-    start = {"iteration": 0, "generator_version": 0, "generator_path": str(generator_dir), "finished": False}
+    current = queries.current_generator_version(shared["archive"], ctx.session_id) if resume else None
+    if current is not None and current["adapter_path"] and g.backend == "openai":
+        # The server may have restarted since: put the session's current adapter back now.
+        version = GeneratorVersion(current["version"], Path(current["weights"]), Path(current["adapter_path"]),
+                                   current["served_name"])
+        generator.backend(version)
+        say(f"[session] generator v{version.number}: adapter {version.served_name} served at {g.base_url} again")
+    start = {"iteration": 0, "generator_version": 0, "generator_path": str(weights), "generator_adapter": "",
+             "finished": False}
     if not resume:
         say(f"[session] {ctx.session_id}: {config.session.iterations} iterations x {g.programs_per_iteration} "
             f"programs, {len(ctx.expert_dirs)} experts, {len(ctx.split('dev'))} dev / {len(ctx.split('test'))} test tasks")

@@ -69,6 +69,7 @@ def make_v2_archive(path: Path) -> None:
         "INSERT INTO dpo_runs (dpo_run_id, session_id, iteration, base_version, new_version, "
         "num_pairs, config_json) VALUES ('s/dpo/it1', 's', 1, 1, 2, 1, '{}')"
     )
+    con.execute("INSERT INTO generator_versions (session_id, version, path) VALUES ('s', 0, '/m/gen'), ('s', 1, 'w/v1')")
     con.execute(
         "INSERT INTO preference_pairs (pair_id, session_id, iteration, prompt_hash, "
         "chosen_algorithm_id, rejected_algorithm_id, chosen_score, rejected_score) "
@@ -82,7 +83,10 @@ def test_v2_archive_upgrades_in_place(path: Path) -> None:
     with pytest.raises(ArchiveError, match="schema v2.*open it once writable"):
         Archive.open(path, read_only=True)
     with Archive.open(path) as archive:
-        assert archive.scalar("SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 4
+        assert archive.scalar("SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 5
+        # v5: earlier versions were full model dirs, run on their own weights, no adapter
+        assert archive.query("SELECT version, weights, adapter_path, served_name FROM generator_versions "
+                             "ORDER BY version")[1] == [(0, "/m/gen", None, None), (1, "w/v1", None, None)]
         assert archive.scalar("SELECT count(*) FROM algorithms") == 1
         assert archive.query("SELECT dpo_run_id FROM preference_pairs")[1] == [("s/dpo/it1",)]
         assert dict(archive.query("SELECT model_id, generation FROM models")[1]) == {
@@ -156,7 +160,7 @@ def test_export_import_round_trip_and_merge(tmp_path: Path) -> None:
         fill_v3(archive)
         exported = archive.export_parquet(tmp_path / "export")
     assert exported["algorithms"] == 10 and exported["evaluations"] == 21
-    assert json.loads((tmp_path / "export" / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION == 4
+    assert json.loads((tmp_path / "export" / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION == 5
     with Archive.open(second) as archive:
         added = archive.import_parquet(tmp_path / "export")
         assert added == exported

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from agents.backends import (
+    Adapter,
     BackendError,
     LLMBackend,
     OpenAIBackend,
@@ -89,6 +91,43 @@ def test_reload_swaps_model(model_dirs: tuple[Path, Path]) -> None:
     assert local.generate(PROMPTS, temperature=0.0, max_new_tokens=12) != before
     local.reload(model_dirs[0])
     assert local.generate(PROMPTS, temperature=0.0, max_new_tokens=12) == before
+
+
+def test_a_lora_version_is_merged_in_memory_and_dropped_again(model_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dirs[0]),
+                          LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for key, tensor in peft.named_parameters():
+            if "lora_B" in key:
+                tensor.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    peft.save_pretrained(tmp_path / "v1")
+    local = TransformersBackend(model_dirs[0])
+    before = local.generate(PROMPTS, temperature=0.0, max_new_tokens=12)
+    local.use(model_dirs[0], Adapter("v1", tmp_path / "v1"))
+    assert local.name.endswith(f"+{tmp_path / 'v1'}")
+    assert local.generate(PROMPTS, temperature=0.0, max_new_tokens=12) != before
+    local.use(model_dirs[0])
+    assert local.generate(PROMPTS, temperature=0.0, max_new_tokens=12) == before
+    with pytest.raises(BackendError, match="not a PEFT adapter dir"):
+        local.use(model_dirs[0], Adapter("v2", model_dirs[1]))
+
+
+def test_openai_adapter_paths_as_the_server_sees_them(tmp_path: Path) -> None:
+    remote = OpenAIBackend("http://127.0.0.1:1/v1", "gen", path_map=(tmp_path / "w", "/work"))
+    assert remote.server_path(tmp_path / "w" / "generators" / "s" / "v1") == "/work/generators/s/v1"
+    assert remote.server_path(tmp_path / "elsewhere") == str((tmp_path / "elsewhere").resolve())
+    assert OpenAIBackend("http://127.0.0.1:1/v1", "gen").server_path(Path("rel")) == str(Path("rel").resolve())
+
+
+def test_openai_adapter_load_on_a_server_without_lora_fails_in_one_line(server: tuple[str, ServerState], tmp_path: Path) -> None:
+    remote = OpenAIBackend(server[0], "gen")
+    with pytest.raises(BackendError, match=r"answered HTTP 501 to GET /models") as err:
+        remote.use(tmp_path, Adapter("v1", tmp_path / "v1"))
+    assert "\n" not in str(err.value)
+    assert remote.model == "gen"  # still sampling the served model
 
 
 def test_reload_rejects_non_model_dir(tmp_path: Path) -> None:

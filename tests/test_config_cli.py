@@ -44,6 +44,11 @@ def test_defaults_are_the_quickstart() -> None:
         ({"generator": {"backend": "gpt"}}, "generator.backend"),
         ({"models": {"experts": ["a"]}}, "models.experts given without models.base"),
         ({"sandbox": {"runner": "vm"}}, "sandbox.runner"),
+        ({"generator": {"backend": "openai", "model": "g", "base_url": "http://h:1/v1"}},
+         "dpo.lora_rank: a served generator (generator.backend = 'openai') learns through LoRA adapters"),
+        ({"generator": {"model": "g", "base_url": "http://h:1/v1"}, "dpo": {"lora_rank": 8},
+          "models": {"base": "/b", "experts": ["/e"], "tasks": "/t"}},
+         "generator.weights: a served generator that DPO trains needs the local HF dir its server serves"),
     ],
 )
 def test_invalid_configs_name_the_key(data: dict, message: str) -> None:

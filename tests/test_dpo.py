@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from peft import PeftModel
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agents.config import DPOConfig
@@ -125,9 +128,11 @@ def _completion_logp(model: Any, tokenizer: Any, prompt: str, completion: str) -
     return logprobs[len(prompt_ids) - 1 : -1].gather(-1, targets[:, None]).sum().item()
 
 
-def _preference_margin(model_dir: Path) -> float:
+def _preference_margin(model_dir: Path, adapter: Path | None = None) -> float:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
     return _completion_logp(model, tokenizer, PROMPT, CHOSEN) - _completion_logp(
         model, tokenizer, PROMPT, REJECTED
     )
@@ -149,12 +154,11 @@ def _pairs() -> list[dict[str, Any]]:
     return make_preference_pairs(scored, top_frac=0.5, bottom_frac=0.5)
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_train_dpo_prefers_chosen(generator_dir: Path, tmp_path: Path, lora_rank: int) -> None:
+def test_full_dpo_prefers_chosen_and_saves_a_model_dir(generator_dir: Path, tmp_path: Path) -> None:
     pairs = _pairs()
     assert len(pairs) == 16
     out_dir = tmp_path / "gen1"
-    settings = DPOConfig(learning_rate=1e-3, epochs=2, batch_size=8, lora_rank=lora_rank)
+    settings = DPOConfig(learning_rate=1e-3, epochs=2, batch_size=8, lora_rank=0)
     result = train_dpo(generator_dir, pairs, out_dir, settings)
 
     assert isinstance(result, DPOResult)
@@ -169,6 +173,31 @@ def test_train_dpo_prefers_chosen(generator_dir: Path, tmp_path: Path, lora_rank
     assert model.config.use_cache is True
     assert AutoTokenizer.from_pretrained(out_dir).eos_token == "</s>"
     assert [p.name for p in tmp_path.iterdir()] == ["gen1"]  # no temp dir left behind
+
+
+def test_lora_dpo_saves_only_the_adapter_and_continues_it(generator_dir: Path, tmp_path: Path) -> None:
+    """LoRA DPO writes an adapter dir (no weights copy); the next update trains that adapter
+    further against a frozen copy of it, so every version is one adapter over the same weights."""
+    settings = DPOConfig(learning_rate=1e-3, epochs=2, batch_size=8, lora_rank=4)
+    v1 = train_dpo(generator_dir, _pairs(), tmp_path / "v1", settings).out_dir
+    files = sorted(p.name for p in v1.iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    weights = sum(f.stat().st_size for f in generator_dir.glob("*.safetensors"))
+    assert (v1 / "adapter_model.safetensors").stat().st_size < weights / 2
+    margin0, margin1 = _preference_margin(generator_dir), _preference_margin(generator_dir, v1)
+    assert margin1 > margin0 + 0.1
+
+    v2 = train_dpo(generator_dir, _pairs(), tmp_path / "v2", settings, adapter=v1).out_dir
+    config = json.loads((v2 / "adapter_config.json").read_text())
+    assert config["r"] == 4
+    with safe_open(str(v2 / "adapter_model.safetensors"), "pt") as f:
+        assert not any(".ref." in k for k in f.keys())  # TRL's reference copy is not saved
+    assert _preference_margin(generator_dir, v2) > margin1 + 0.05
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1", "v2"]
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter dir"):
+        train_dpo(generator_dir, _pairs(), tmp_path / "v3", settings, adapter=generator_dir)
+    with pytest.raises(ValueError, match="lora_rank 0"):
+        train_dpo(generator_dir, _pairs(), tmp_path / "v3", DPOConfig(lora_rank=0), adapter=v1)
 
 
 def test_train_dpo_refuses_bad_calls(generator_dir: Path, tmp_path: Path) -> None:
