@@ -102,6 +102,11 @@ class JudgeConfig(Section):
     vllm_max_model_len: int | None = Field(None, ge=16, description="engine = 'vllm': longest prompt + answer (None = the model's)")
     vllm_dtype: str = Field("auto", description="engine = 'vllm': weight dtype")
     vllm_tensor_parallel: int = Field(1, ge=1, description="engine = 'vllm': GPUs per engine")
+    scratch_dir: str = Field(
+        "", description="selfdev: where merged weights that exist only to be judged are written (e.g. /dev/shm/coevo, "
+        "RAM-backed); after judging only the report's top-k are kept (moved into the workdir), the rest deleted. "
+        "'' = every merged model is kept in <workdir>/models"
+    )
     scoring: Literal["checker", "llm"] = Field(
         "checker", description="population modes: the families' checker code (in the sandbox), or an LLM judge (prompts/judge.md)"
     )
@@ -237,6 +242,9 @@ class DiscoveryConfig(Section):
             raise ValueError("population.selection: acdc mode selects with dns or random (map_elites is cycleqd)")
         if self.mode != "selfdev" and self.tasks.writer == "llm" and not self.tasks.llm.model:
             raise ValueError("tasks.writer = 'llm' needs tasks.llm.model (and tasks.llm.base_url for an OpenAI-compatible server)")
+        if self.judge.scratch_dir and self.mode != "selfdev":
+            raise ValueError("judge.scratch_dir: only selfdev sessions judge-and-discard merged weights "
+                             "(a population's models are its next parents)")
         g = self.generator
         if self.mode == "selfdev" and g.backend == "openai" and self.dpo.enabled and not self.dpo.lora_rank:
             raise ValueError(

@@ -93,19 +93,28 @@ class LoopContext:
             archive.mark_step(self.session_id, generation, step)
 
 
-def run_merge_jobs(runner: Runner, jobs: list[MergeJob], *, workers: int, label: str) -> list[SandboxResult]:
-    """Run merge jobs `workers` at a time in the sandbox, results in order, with a progress bar."""
+def run_merge_jobs(
+    runner: Runner, jobs: list[MergeJob], *, workers: int, label: str,
+    consume: Callable[[int, SandboxResult], str] | None = None,
+) -> list[SandboxResult]:
+    """Run merge jobs `workers` at a time in the sandbox, results in order, with a progress bar.
+
+    With `consume(index, result)`, each result is consumed (e.g. its model judged) in this
+    thread while the sandbox merges the next ones, and no more than `workers` merges run ahead
+    of it; what it returns is shown on the bar."""
     if not jobs:
         return []
-    ok = 0
+    ok = done = 0
     with progress(label, len(jobs)) as advance:
 
         def count(result: SandboxResult) -> None:
-            nonlocal ok
+            nonlocal ok, done
+            index, done = done, done + 1
             ok += result.verdict == "ok"
-            advance(info=f"{ok} ok")
+            shown = consume(index, result) if consume is not None else ""
+            advance(info=f"{ok} ok" + (f", {shown}" if shown else ""))
 
-        return run_many(runner, jobs, workers=workers, on_result=count)
+        return run_many(runner, jobs, workers=workers, on_result=count, ahead=workers if consume is not None else None)
 
 
 def sandbox_run_row(algorithm_id: str, result: SandboxResult, runner: Runner) -> dict[str, Any]:

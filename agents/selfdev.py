@@ -13,6 +13,7 @@ nothing lost or done twice.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from agents.judge import Scored, exact_scores, mean_score
 from agents.loop import LoopContext, algorithm_row, run_merge_jobs, sandbox_run_row
 from agents.tasks import Task
 from archive_store import prompt_hash, queries
-from sandbox.jobs import MergeJob
+from sandbox.jobs import MergeJob, SandboxResult
 
 BASELINE_METHODS = ("task_arithmetic", "ties")
 JUDGE = "exact_match"
@@ -64,6 +65,69 @@ class SelfdevContext(LoopContext):
             number, Path(state["generator_path"]), Path(adapter) if adapter else None,
             adapter_name(self.session_id, number) if adapter else None,
         )
+
+    @property
+    def scratch_dir(self) -> Path | None:
+        """Where judge-only merged weights go (judge.scratch_dir), or None to keep them all."""
+        return Path(self.config.judge.scratch_dir).resolve() if self.config.judge.scratch_dir else None
+
+    def merged_dir(self, model_id: str) -> Path:
+        """Where a generated algorithm's merged model is written."""
+        scratch = self.scratch_dir
+        return scratch / model_id.replace("/", "__") if scratch else self.model_dir(model_id)
+
+    def merge_jobs(self, algorithm_ids: list[str]) -> list[MergeJob]:
+        code = queries.algorithm_code(self.archive, algorithm_ids)
+        return [
+            MergeJob(source=code[a], base_dir=self.base_dir, expert_dirs=self.expert_dirs,
+                     out_dir=self.merged_dir(f"{a}/model"), include=self.config.models.include or None)
+            for a in algorithm_ids
+        ]
+
+    def settle_weights(self) -> None:
+        """With judge.scratch_dir: keep the weights of the session's top-k algorithms by dev
+        score (moved into the workdir), delete the other judged ones, including earlier top-k
+        that have dropped out. Idempotent: a move or deletion cut short is finished on the next
+        call."""
+        scratch = self.scratch_dir
+        if scratch is None:
+            return
+        top = self.archive.top_algorithms(self.session_id, self.config.report.top_k)
+        keep = {f"{a['algorithm_id']}/model" for a in top}
+        moves, deleted, lost = {}, [], []
+        for model_id, path in queries.merged_weights(self.archive, self.session_id):
+            target = self.model_dir(model_id)
+            if model_id not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+                deleted.append(model_id)
+            elif Path(path) != target and Path(path).exists():
+                partial = target.with_name(f".{target.name}.partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(path, partial)
+                shutil.rmtree(target, ignore_errors=True)
+                partial.rename(target)
+                shutil.rmtree(path)
+                moves[model_id] = str(target)
+            elif not target.exists():
+                lost.append(model_id)
+            elif Path(path) != target:
+                moves[model_id] = str(target)  # moved before, not yet recorded
+        if lost:
+            # Scratch in RAM does not survive a reboot: merge those programs again (a merge is
+            # deterministic; their sandbox runs and scores are recorded already).
+            say(f"  {len(lost)} top-{self.config.report.top_k} models' weights are gone from {scratch}: merging them again")
+            jobs = [dataclasses.replace(job, out_dir=self.model_dir(m))
+                    for m, job in zip(lost, self.merge_jobs([m.removesuffix("/model") for m in lost]), strict=True)]
+            for model_id, result in zip(lost, run_merge_jobs(self.runner, jobs, workers=self.config.sandbox.workers,
+                                                             label="merge again"), strict=True):
+                if result.verdict != "ok":
+                    raise RuntimeError(f"merging {model_id} again gave {result.verdict}: {result.reason}")
+                moves[model_id] = str(self.model_dir(model_id))
+        with self.archive.transaction() as archive:
+            archive.move_model_weights(moves)
+            archive.mark_weights_deleted(deleted)
+        if moves or deleted:
+            say(f"  weights: {len(moves)} kept (top {self.config.report.top_k}), {len(deleted)} judged and deleted from {scratch}")
 
     def split(self, name: str) -> list[Task]:
         return [t for t in self.tasks if t.split == name]
@@ -175,19 +239,41 @@ def vet(state: SessionState, runtime: Ctx) -> SessionState:
 
 
 def execute(state: SessionState, runtime: Ctx) -> SessionState:
-    """Apply each program to the experts' task vectors in the sandbox; record every verdict."""
+    """Apply each program to the experts' task vectors in the sandbox; record every verdict.
+
+    With judge.scratch_dir, each merged model is judged as soon as it is merged, while the
+    sandbox merges the next ones, and its weights are deleted at once unless it can still rank
+    in the top-k: scratch holds a few models, not an iteration's (the judge step is done here)."""
     ctx = runtime.context
     it, sid = state["iteration"], ctx.session_id
     if ctx.done(it, "execute"):
         return {}
     pending = state["to_execute"]
-    code = queries.algorithm_code(ctx.archive, pending)
-    jobs = [
-        MergeJob(source=code[a], base_dir=ctx.base_dir, expert_dirs=ctx.expert_dirs,
-                 out_dir=ctx.model_dir(f"{a}/model"), include=ctx.config.models.include or None)
-        for a in pending
-    ]
-    results = run_merge_jobs(ctx.runner, jobs, workers=ctx.config.sandbox.workers, label=f"sandbox ({ctx.runner.name})")
+    jobs = ctx.merge_jobs(pending)
+    scratch = ctx.scratch_dir
+    dev, k = ctx.split("dev"), ctx.config.report.top_k
+    contenders = sorted((a["dev_score"] for a in ctx.archive.top_algorithms(sid, k)), reverse=True)
+    evaluations: list[dict[str, Any]] = []
+
+    def judge_now(index: int, result: SandboxResult) -> str:
+        if result.verdict != "ok":
+            return ""
+        model_id = f"{pending[index]}/model"
+        scored = ctx.score(jobs[index].out_dir, dev)
+        evaluations.extend(ctx.evaluation_rows(model_id, dev, scored))
+        score = sum(s.score for s in scored) / max(1, len(scored))
+        if len(contenders) >= k and score < contenders[k - 1]:
+            shutil.rmtree(jobs[index].out_dir, ignore_errors=True)  # can no longer make the top-k
+        else:
+            contenders.append(score)
+            contenders.sort(reverse=True)
+        return f"dev {100 * score:.1f}"
+
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    label = f"sandbox ({ctx.runner.name})" + (" + judge (dev)" if scratch is not None else "")
+    results = run_merge_jobs(ctx.runner, jobs, workers=ctx.config.sandbox.workers, label=label,
+                             consume=judge_now if scratch is not None else None)
     runs, models = [], []
     for algorithm_id, job, result in zip(pending, jobs, results, strict=True):
         runs.append(sandbox_run_row(algorithm_id, result, ctx.runner))
@@ -202,6 +288,10 @@ def execute(state: SessionState, runtime: Ctx) -> SessionState:
     with ctx.step(it, "execute") as archive:
         archive.add_sandbox_runs(runs)
         archive.add_models(models)
+        if scratch is not None:
+            archive.add_evaluations(evaluations)
+            archive.mark_step(sid, it, "judge")
+    ctx.settle_weights()
     return {}
 
 
@@ -210,6 +300,7 @@ def judge(state: SessionState, runtime: Ctx) -> SessionState:
     ctx = runtime.context
     it = state["iteration"]
     if ctx.done(it, "judge"):
+        ctx.settle_weights()
         return {}
     merged = queries.merged_models(ctx.archive, ctx.session_id, it)
     dev = ctx.split("dev")
@@ -310,6 +401,7 @@ def report(state: SessionState, runtime: Ctx) -> SessionState:
     last = state["iteration"]
     if ctx.done(last, "report"):
         return {"finished": True}
+    ctx.settle_weights()
     top = ctx.archive.top_algorithms(ctx.session_id, ctx.config.report.top_k)
     test = ctx.split("test")
     ids = [f"{a['algorithm_id']}/model" for a in top]

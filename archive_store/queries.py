@@ -154,6 +154,17 @@ def merged_models(archive: ArchiveReader, session_id: str, generation: int) -> l
     )[1]]
 
 
+def merged_weights(archive: ArchiveReader, session_id: str) -> list[tuple[str, str]]:
+    """(model id, path) of a session's merged models whose weights have not been deleted."""
+    return [
+        (m, p) for m, p in archive.query(
+            "SELECT model_id, path FROM models WHERE session_id = ? AND kind = 'merged' "
+            "AND weights_deleted_at IS NULL AND path IS NOT NULL ORDER BY model_id",
+            [session_id],
+        )[1]
+    ]
+
+
 def judged_children(archive: ArchiveReader, session_id: str, generation: int) -> list[str]:
     """A generation's children that were kept (not discarded) and judged."""
     return [row[0] for row in archive.query(

@@ -345,6 +345,26 @@ class Archive(ArchiveReader):
                 [[m for m, _ in discards], [r for _, r in discards]],
             )
 
+    def move_model_weights(self, moves: dict[str, str]) -> None:
+        """Record that models' weights now live at new paths (model id -> path)."""
+        self._check_writable()
+        if moves:
+            self._execute(
+                "UPDATE models m SET path = d.path "
+                "FROM (SELECT unnest(?) AS model_id, unnest(?) AS path) d WHERE m.model_id = d.model_id",
+                [list(moves), list(moves.values())],
+            )
+
+    def mark_weights_deleted(self, model_ids: list[str]) -> None:
+        """Record that models' weights were deleted (judged, not kept); scores stay."""
+        self._check_writable()
+        if model_ids:
+            self._execute(
+                "UPDATE models SET weights_deleted_at = (now() AT TIME ZONE 'UTC') "
+                "WHERE model_id IN (SELECT unnest(?)) AND weights_deleted_at IS NULL",
+                [model_ids],
+            )
+
     def mark_step(self, session_id: str, generation: int, step: str) -> None:
         """Record that a graph step's writes are in (call inside the step's transaction)."""
         self._insert("graph_steps", [{"session_id": session_id, "generation": generation, "step": step}])

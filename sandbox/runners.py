@@ -7,8 +7,10 @@ fallback (`sandbox.process_runner`); `runner_from_config` does the same from a s
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +78,27 @@ def run_many(
     jobs: Sequence[MergeJob],
     workers: int = 2,
     on_result: Callable[[SandboxResult], None] | None = None,
+    *,
+    ahead: int | None = None,
 ) -> list[SandboxResult]:
     """Run jobs `workers` at a time (threads; each job is its own process), results in order;
-    `on_result` sees each result as soon as it and the ones before it are in."""
+    `on_result` sees each result as soon as it and the ones before it are in, in the calling
+    thread. With `ahead`, at most that many jobs are started beyond the one `on_result` is
+    consuming: outputs that must be consumed (judged, deleted) before more are made stay
+    bounded."""
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    if ahead is not None and ahead < 1:
+        raise ValueError(f"ahead must be at least 1, got {ahead}")
     results = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
-        for result in pool.map(runner.run, jobs):
+        todo = iter(jobs)
+        running = deque(pool.submit(runner.run, job) for job in islice(todo, ahead if ahead is not None else len(jobs)))
+        while running:
+            result = running.popleft().result()
+            following = next(todo, None)
+            if following is not None:
+                running.append(pool.submit(runner.run, following))
             results.append(result)
             if on_result is not None:
                 on_result(result)

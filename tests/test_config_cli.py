@@ -201,6 +201,7 @@ def test_mode_defaults(mode: str, mutation: str, selection: str, coevolve: bool)
         ({"mode": "acdc", "population": {"gibberish": "llm"}}, "needs judge.llm.model"),
         ({"mode": "acdc", "population": {"mutation": "svd"}}, "population.mutation"),
         ({"mode": "evolve"}, "mode"),
+        ({"mode": "acdc", "judge": {"scratch_dir": "/dev/shm/x"}}, "judge.scratch_dir: only selfdev sessions"),
     ],
 )
 def test_invalid_population_configs(data: dict, message: str) -> None:

@@ -279,3 +279,57 @@ def test_a_failing_node_stops_the_session_and_resume_continues_there(tmp_path: P
         assert archive.scalar("select count(*) from graph_steps where step = 'baselines'") == 1
         assert archive.scalar("select count(*) from evaluations") == archive.scalar(
             "select count(distinct (model_id, task_id, judge)) from evaluations")
+
+
+def test_judge_only_weights_in_ram_backed_scratch(tmp_path: Path, zoo_dir: Path) -> None:
+    """judge.scratch_dir (here in /dev/shm): each merged model is judged as it is merged and its
+    weights deleted unless it can still make the report's top-k, which are kept in the workdir.
+    Scratch lost to a reboot mid-iteration is no loss (the iteration is redone), and a top-k
+    model whose weights were lost before they were moved is merged again."""
+    shm = Path("/dev/shm")
+    scratch = (shm if shm.is_dir() else tmp_path) / f"coevo-test-{os.getpid()}-{time.time_ns()}"
+    config = write_config(tmp_path / "c.toml", zoo_dir)
+    config.write_text(config.read_text() + f'[judge]\nscratch_dir = "{scratch}"\n')
+    workdir = tmp_path / "w"
+    try:
+        proc = launch(str(config), "--workdir", str(workdir))
+        seen: list[str] = []
+        read_until(proc, "+ judge (dev): ", seen)  # iteration 0: merging and judging
+        assert "[iteration 1]" not in "".join(seen)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert 0 < len(list(scratch.iterdir())) <= 2 + 3 + 1  # in flight + contenders + the one judged
+        shutil.rmtree(scratch)  # what a reboot does to /dev/shm
+
+        resumed = launch("--resume", "--workdir", str(workdir))
+        seen = []
+        read_until(resumed, "[iteration 1]", seen)  # iteration 0 done again, its top-3 kept
+        os.killpg(resumed.pid, signal.SIGKILL)
+        resumed.wait()
+        assert "weights: 3 kept (top 3)" in "".join(seen), "".join(seen)
+        with Archive.open(workdir / "archive.duckdb") as archive:  # as if killed before the move
+            best = f"{archive.top_algorithms(archive.scalar('select session_id from sessions'), 1)[0]['algorithm_id']}/model"
+            path = archive.model_paths([best])[best]
+            archive.query("update models set path = ? where model_id = ?", [str(scratch / "lost"), best])
+        shutil.rmtree(path)
+
+        resumed = launch("--resume", "--workdir", str(workdir))
+        output, _ = resumed.communicate(timeout=1200)
+        assert resumed.returncode == 0, output
+        check_complete(workdir)
+        with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
+            top = [f"{a['algorithm_id']}/model" for a in archive.top_algorithms(archive.scalar("select session_id from sessions"), 3)]
+            kept = dict(archive.query("select model_id, path from models where kind = 'merged' and weights_deleted_at is null")[1])
+            deleted = [r[0] for r in archive.query(
+                "select path from models where kind = 'merged' and weights_deleted_at is not null")[1]]
+            tested = archive.scalar(
+                "select count(distinct model_id) from evaluations join tasks using (task_id) where split = 'test' "
+                "and model_id in (select model_id from models where kind = 'merged')")
+        assert best in top and "top-3 models' weights are gone" in output, output
+        assert sorted(kept) == sorted(top) and tested == 3
+        for model in kept.values():
+            assert Path(model).parent == workdir / "models" and (Path(model) / "config.json").is_file()
+        assert deleted and not any(Path(p).exists() for p in deleted)
+        assert not scratch.exists() or not any(scratch.iterdir())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -7,3 +7,8 @@ ALTER TABLE generator_versions ADD COLUMN IF NOT EXISTS weights TEXT;
 ALTER TABLE generator_versions ADD COLUMN IF NOT EXISTS adapter_path TEXT;
 ALTER TABLE generator_versions ADD COLUMN IF NOT EXISTS served_name TEXT;
 UPDATE generator_versions SET weights = path WHERE weights IS NULL;
+
+-- Merged weights that exist only to be judged (judge.scratch_dir, e.g. /dev/shm) are deleted
+-- after judging unless they rank in the report's top-k (then moved into the workdir and
+-- `path` updated): `weights_deleted_at` says when a model's weights were deleted.
+ALTER TABLE models ADD COLUMN IF NOT EXISTS weights_deleted_at TIMESTAMP;
