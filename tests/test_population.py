@@ -7,12 +7,11 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from launching import launch
 
 from archive_store import POPULATION_VIEWS, Archive
 
@@ -29,13 +28,6 @@ def write_config(path: Path, zoo_dir: Path, mode: str, runner: str = "process", 
         f'[sandbox]\nrunner = "{runner}"\n{extra}'
     )
     return path
-
-
-def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "coevo", "launch", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env,
-    )
 
 
 def check_complete(workdir: Path, mode: str) -> dict:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from launching import launch, read_until
 
 from archive_store import Archive
 
@@ -26,14 +27,6 @@ def write_config(path: Path, zoo_dir: Path, runner: str = "process") -> Path:
         "[report]\ntop_k = 3\n"
     )
     return path
-
-
-def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "coevo", "launch", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env=env,
-    )
 
 
 def counts(workdir: Path) -> dict[str, int]:
@@ -147,18 +140,6 @@ def test_sigkill_in_iteration_two_then_resume(tmp_path: Path, zoo_dir: Path) -> 
 
 
 # ----------------------------------------------------------------------------- session lifecycle
-
-
-def read_until(proc: subprocess.Popen[str], marker: str, seen: list[str], timeout: float = 900) -> str:
-    """Lines of a running launch until one containing `marker` (returned)."""
-    assert proc.stdout is not None
-    deadline = time.time() + timeout
-    for line in proc.stdout:
-        seen.append(line)
-        if marker in line:
-            return line
-        assert time.time() < deadline, "".join(seen)
-    raise AssertionError(f"{marker!r} never printed:\n{''.join(seen)}")
 
 
 def session_rows(workdir: Path) -> dict[str, str]:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from launching import launch, read_until
 from vllm_server import VLLMServer, free_port
 
 from agents.backends import Adapter, OpenAIBackend
@@ -37,32 +36,16 @@ def _config(path: Path, zoo_dir: Path, base_url: str) -> Path:
     return path
 
 
-def _launch(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "coevo", "launch", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _read_until(proc: subprocess.Popen[str], marker: str, seen: list[str], timeout: float = 900) -> None:
-    assert proc.stdout is not None
-    deadline = time.time() + timeout
-    for line in proc.stdout:
-        seen.append(line)
-        if marker in line:
-            return
-        assert time.time() < deadline, "".join(seen[-50:])
-    raise AssertionError(f"launch ended before {marker!r}:\n{''.join(seen[-50:])}")
-
-
 def test_served_generator_learns_through_hot_loaded_adapters_and_resumes(
     tmp_path: Path, zoo_dir: Path, vllm_ready: None
 ) -> None:
     server = VLLMServer(zoo_dir / "generator", "generator", free_port(), tmp_path / "server.log").start()
     workdir = tmp_path / "w"
     try:
-        proc = _launch(str(_config(tmp_path / "c.toml", zoo_dir, server.base_url)), "--workdir", str(workdir))
+        proc = launch(str(_config(tmp_path / "c.toml", zoo_dir, server.base_url)), "--workdir", str(workdir))
         seen: list[str] = []
-        _read_until(proc, "[iteration 1]", seen)  # sampling from the adapter DPO just trained
-        _read_until(proc, "vetted:", seen)
+        read_until(proc, "[iteration 1]", seen)  # sampling from the adapter DPO just trained
+        read_until(proc, "vetted:", seen)
         time.sleep(2)  # into the sandbox runs of iteration 1
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -85,7 +68,7 @@ def test_served_generator_learns_through_hot_loaded_adapters_and_resumes(
         server.kill()
         server.start()
         assert name not in server.models()
-        resumed = _launch("--resume", "--workdir", str(workdir))
+        resumed = launch("--resume", "--workdir", str(workdir))
         out, _ = resumed.communicate(timeout=1200)
         assert resumed.returncode == 0, out[-4000:] + server.tail()
         assert f"adapter {name} served at {server.base_url} again" in out, out[-3000:]
