@@ -49,6 +49,11 @@ class Adapter:
     name: str
     path: Path
 
+    def check(self) -> None:
+        """One line, raised, when `path` is not a PEFT adapter dir."""
+        if not (self.path / "adapter_config.json").is_file():
+            raise BackendError(f"{self.path} is not a PEFT adapter dir: no adapter_config.json")
+
 
 @runtime_checkable
 class LLMBackend(Protocol):
@@ -125,8 +130,8 @@ class TransformersBackend:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise BackendError(f"{model_dir} is not a Hugging Face model dir: no config.json")
-        if adapter is not None and not (adapter.path / "adapter_config.json").is_file():
-            raise BackendError(f"{adapter.path} is not a PEFT adapter dir: no adapter_config.json")
+        if adapter is not None:
+            adapter.check()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         # Decoder-only batches must be left-padded so every prompt ends where generation starts.
         tokenizer.padding_side = "left"
@@ -409,8 +414,8 @@ class VLLMBackend:
             self.reload(model_dir)
         if adapter is not None and not self.engine_kwargs.get("enable_lora"):
             raise BackendError("this vLLM engine was built without LoRA: set dpo.lora_rank before the session starts")
-        if adapter is not None and not (adapter.path / "adapter_config.json").is_file():
-            raise BackendError(f"{adapter.path} is not a PEFT adapter dir: no adapter_config.json")
+        if adapter is not None:
+            adapter.check()
         self.adapter = adapter
         if adapter is None:
             self._lora = None

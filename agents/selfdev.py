@@ -261,7 +261,7 @@ def execute(state: SessionState, runtime: Ctx) -> SessionState:
         model_id = f"{pending[index]}/model"
         scored = ctx.score(jobs[index].out_dir, dev)
         evaluations.extend(ctx.evaluation_rows(model_id, dev, scored))
-        score = sum(s.score for s in scored) / max(1, len(scored))
+        score = mean_score(scored) / 100  # as the archive's dev_score
         if len(contenders) >= k and score < contenders[k - 1]:
             shutil.rmtree(jobs[index].out_dir, ignore_errors=True)  # can no longer make the top-k
         else:
@@ -288,10 +288,9 @@ def execute(state: SessionState, runtime: Ctx) -> SessionState:
     with ctx.step(it, "execute") as archive:
         archive.add_sandbox_runs(runs)
         archive.add_models(models)
-        if scratch is not None:
+        if scratch is not None:  # the judge node keeps the top-k's weights and deletes the rest
             archive.add_evaluations(evaluations)
             archive.mark_step(sid, it, "judge")
-    ctx.settle_weights()
     return {}
 
 
