@@ -130,6 +130,10 @@ class DPOConfig(Section):
     batch_size: int = Field(8, ge=1)
     lora_rank: int = Field(0, description="0 = full fine-tune, a model dir per version (tiny models); > 0 = LoRA, an adapter per version (a served generator needs it); paper: 256")
     max_length: int = Field(1024, ge=64)
+    human_weight: int = Field(
+        2, ge=0, description="each pair from reviewers' verdicts (approved vs rejected, approved vs the iteration's "
+        "bottom) appears this many times in the DPO data; 0 = verdicts do not train"
+    )
 
     @field_validator("lora_rank")
     @classmethod

@@ -121,6 +121,34 @@ def make_preference_pairs(
     return list(_interleave(groups))[:max_pairs]
 
 
+def human_pairs(
+    approved: list[str],
+    rejected: list[str],
+    bottom: list[str],
+    completions: dict[str, str],
+    scores: dict[str, float | None],
+    prompt: str,
+) -> list[dict[str, Any]]:
+    """Preference pairs from reviewers' verdicts: every approved program against every rejected
+    one and every one of the iteration's `bottom`, all under `prompt` (the one the generator is
+    trained on now), in the shape of `make_preference_pairs`'s pairs."""
+    losers = list(dict.fromkeys([*rejected, *(b for b in bottom if b not in approved)]))
+    return [
+        {"prompt": prompt, "chosen": completions[c], "rejected": completions[r], "chosen_id": c, "rejected_id": r,
+         "chosen_score": scores.get(c), "rejected_score": scores.get(r)}
+        for c in approved
+        for r in losers
+        if c != r
+    ]
+
+
+def bottom_ids(scored: list[dict[str, Any]], frac: float) -> list[str]:
+    """The ids of the bottom `frac` of `scored` items (worst first; None = did not run), as
+    `make_preference_pairs` picks its rejected ones."""
+    ranked = sorted(scored, key=lambda it: (-_rank_score(it), str(it["algorithm_id"])))
+    return [str(it["algorithm_id"]) for it in ranked[::-1][: _take(frac, len(ranked))]]
+
+
 def _last_logged(history: list[dict[str, Any]], key: str) -> float | None:
     for entry in reversed(history):
         if key in entry:

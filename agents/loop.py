@@ -31,6 +31,7 @@ from agents.config import DiscoveryConfig
 from agents.console import one_line, progress, say
 from agents.vllm_answerer import VLLMAnswerer
 from archive_store import Archive, prompt_hash
+from archive_store.reviews import record_reviews
 from sandbox.jobs import MergeJob, Runner, SandboxResult
 from sandbox.policy import PolicyVerdict, code_hash
 from sandbox.runners import run_many
@@ -72,6 +73,13 @@ class LoopContext:
                     self.base_dir, device=cfg.device, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
                 )
         return self._answerer
+
+    def record_reviews(self) -> int:
+        """Record the verdicts reviewers gave since (the workdir's inbox) in the archive."""
+        added = record_reviews(self.archive, self.workdir)
+        if added:
+            say(f"  reviews: {added} new verdict{'s' if added > 1 else ''} recorded")
+        return added
 
     def model_dir(self, model_id: str) -> Path:
         """Where the weights of a model the session makes are written."""

@@ -25,13 +25,14 @@ from langgraph.runtime import Runtime
 
 from agents.baselines import baseline_merge
 from agents.console import percent, progress, say
-from agents.dpo import make_preference_pairs, train_dpo
+from agents.dpo import bottom_ids, human_pairs, make_preference_pairs, train_dpo
 from agents.generator import Generator, GeneratorVersion, adapter_name, completion_text
 from agents.generator import vet as vet_programs
 from agents.judge import Scored, exact_scores, mean_score
 from agents.loop import LoopContext, algorithm_row, run_merge_jobs, sandbox_run_row
 from agents.tasks import Task
 from archive_store import prompt_hash, queries
+from archive_store.reviews import latest_verdicts
 from sandbox.jobs import MergeJob, SandboxResult
 
 BASELINE_METHODS = ("task_arithmetic", "ties")
@@ -189,6 +190,7 @@ def propose(state: SessionState, runtime: Ctx) -> SessionState:
     """Sample N merge programs from the generator, prompted with the archive's best so far."""
     ctx = runtime.context
     it, generator = state["iteration"], ctx.generator
+    ctx.record_reviews()  # a quarantined program is never an exemplar
     k = generator.config.exemplars
     exemplars = ctx.archive.top_algorithms(ctx.session_id, k, max_iteration=it - 1) if k else []
     prompt_text = generator.render(exemplars)
@@ -347,38 +349,53 @@ def improve(state: SessionState, runtime: Ctx) -> SessionState:
     )
     if ctx.done(it, "improve"):
         return {**nxt, **trained}
-    scores = {r["algorithm_id"]: r["dev_score"] for r in ctx.archive.algorithm_scores(sid, it)}
+    ctx.record_reviews()
+    verdicts = latest_verdicts(ctx.archive, sid)
+    scores = {r["algorithm_id"]: r["dev_score"] for r in ctx.archive.algorithm_scores(sid)}
     scored = [
         {"algorithm_id": p["algorithm_id"], "prompt": state["prompt_text"],
-         "completion": completion_text(p["completion"]), "score": scores.get(p["algorithm_id"])}
+         "completion": completion_text(p["completion"]),
+         # a quarantined program is never a chosen one: it ranks with those that did not run
+         "score": None if verdicts.get(p["algorithm_id"]) == "quarantine" else scores.get(p["algorithm_id"])}
         for p in state["proposals"]
     ]
     pairs = make_preference_pairs(scored, top_frac=cfg.top_frac, bottom_frac=cfg.bottom_frac, max_pairs=cfg.max_pairs)
-    if not pairs:
-        say(f"  DPO skipped: no preference pairs (all {len(scored)} programs scored alike)")
+    people: list[dict[str, Any]] = []
+    if cfg.human_weight:
+        approved = [a for a, v in verdicts.items() if v == "approve"]
+        rejected = [a for a, v in verdicts.items() if v == "reject"]
+        bottom = bottom_ids(scored, cfg.bottom_frac) if approved else []
+        code = queries.algorithm_code(ctx.archive, approved + rejected)
+        completions = {**{a: completion_text(c) for a, c in code.items()}, **{s["algorithm_id"]: s["completion"] for s in scored}}
+        people = human_pairs(approved, rejected, bottom, completions, scores, state["prompt_text"])
+    if not pairs and not people:
+        say(f"  DPO skipped: no preference pairs (all {len(scored)} programs scored alike, no verdicts)")
         return nxt
     kind = f"LoRA rank {cfg.lora_rank} adapter" if lora else "full fine-tune"
-    say(f"  DPO: {len(pairs)} pairs, generator v{version} -> v{new_version} ({kind})")
+    from_people = f" + {len(people)} from reviewers (x{cfg.human_weight})" if people else ""
+    say(f"  DPO: {len(pairs)} pairs{from_people}, generator v{version} -> v{new_version} ({kind})")
     if out_dir.exists():  # a DPO run killed before it was recorded: start it over
         shutil.rmtree(out_dir)
     current = ctx.generator_version(state)
     result = train_dpo(
-        current.weights, pairs, out_dir, cfg, seed=ctx.config.seed * 1000 + it, adapter=current.adapter
+        current.weights, pairs + people * cfg.human_weight, out_dir, cfg, seed=ctx.config.seed * 1000 + it,
+        adapter=current.adapter,
     )
     new = ctx.generator_version({**state, **trained})
     dpo_run_id = f"{sid}/dpo/it{it}"
     with ctx.step(it, "improve") as archive:  # the prompt itself was archived by `vet`
         archive.add_preference_pairs([
-            {"pair_id": f"{dpo_run_id}/p{i:04d}", "session_id": sid, "iteration": it,
+            {"pair_id": f"{dpo_run_id}/{tag}{i:04d}", "session_id": sid, "iteration": it,
              "prompt_hash": prompt_hash(state["prompt_text"]),
              "chosen_algorithm_id": p["chosen_id"], "rejected_algorithm_id": p["rejected_id"],
-             "chosen_score": p["chosen_score"], "rejected_score": p["rejected_score"] if p["rejected_score"] is not None else float("nan"),
-             "dpo_run_id": dpo_run_id}
-            for i, p in enumerate(pairs)
+             "chosen_score": _or_nan(p["chosen_score"]), "rejected_score": _or_nan(p["rejected_score"]),
+             "dpo_run_id": dpo_run_id, "source": source}
+            for tag, source, group in (("p", "scores", pairs), ("h", "human", people))
+            for i, p in enumerate(group)
         ])
         archive.add_dpo_run({
             "dpo_run_id": dpo_run_id, "session_id": sid, "iteration": it, "base_version": version,
-            "new_version": new_version, "num_pairs": len(pairs), "config_json": cfg.model_dump(),
+            "new_version": new_version, "num_pairs": len(pairs) + len(people) * cfg.human_weight, "config_json": cfg.model_dump(),
             "final_loss": result.final_loss, "duration_s": result.duration_s,
         })
         archive.add_generator_version(
@@ -392,6 +409,10 @@ def improve(state: SessionState, runtime: Ctx) -> SessionState:
         backend = ctx.generator.backend(new)
         say(f"  generator v{new_version} loaded in {time.perf_counter() - started:.1f}s: {backend.name}")
     return {**nxt, **trained}
+
+
+def _or_nan(score: float | None) -> float:
+    return float("nan") if score is None else score
 
 
 def report(state: SessionState, runtime: Ctx) -> SessionState:

@@ -5,7 +5,8 @@
   for the loops, reports, the CLI and tools;
 - `archive_store.db`: the file, its schema (`schema/NNN_*.sql`) and migrations;
   `archive_store.summaries`: the running totals kept beside the big tables;
-- `archive_store.shell`: `coevo sql` (one-shot and interactive).
+- `archive_store.shell`: `coevo sql` (one-shot and interactive);
+- `archive_store.reviews`: reviewers' verdicts, through the workdir's inbox into `reviews`.
 """
 
 from archive_store.db import SCHEMA_VERSION, ArchiveError, prompt_hash

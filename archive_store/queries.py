@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from archive_store.db import ArchiveError
-from archive_store.reader import ArchiveReader
+from archive_store.reader import NOT_QUARANTINED, ArchiveReader
 
 # ----------------------------------------------------------------------------- sessions
 
@@ -69,11 +69,13 @@ def algorithm_code(archive: ArchiveReader, algorithm_ids: list[str]) -> dict[str
 
 
 def generated_algorithms(archive: ArchiveReader, limit: int = 64) -> list[dict[str, Any]]:
-    """Executable generated algorithms of Self-Developing sessions, best dev score first."""
+    """Executable generated algorithms of Self-Developing sessions, best dev score first
+    (crossover operators: quarantined ones never)."""
     return archive.records(
         "SELECT s.algorithm_id, a.code, s.dev_score FROM algorithm_scores s JOIN algorithms a USING (algorithm_id) "
         "JOIN sessions x ON x.session_id = a.session_id WHERE x.mode = 'selfdev' AND s.outcome = 'ok' "
-        "AND s.dev_score IS NOT NULL ORDER BY s.dev_score DESC, s.algorithm_id LIMIT ?", [limit],
+        f"AND s.dev_score IS NOT NULL AND {NOT_QUARANTINED.format(column='s.algorithm_id')} "
+        "ORDER BY s.dev_score DESC, s.algorithm_id LIMIT ?", [limit],
     )
 
 
@@ -107,6 +109,28 @@ def review_listing(
         f"FROM algorithm_scores {where} ORDER BY dev_score DESC NULLS LAST, algorithm_id LIMIT ?",
         [*params, limit],
     )[1]
+
+
+def resolve_algorithm_id(archive: ArchiveReader, text: str) -> str:
+    """The one algorithm id `text` names (the id, or the unique end of one); ArchiveError otherwise."""
+    ids = [r[0] for r in archive.query(
+        "SELECT algorithm_id FROM algorithms WHERE algorithm_id = ? OR algorithm_id LIKE '%/' || ? "
+        "ORDER BY algorithm_id = ? DESC, algorithm_id LIMIT 3", [text, text, text])[1]]
+    if ids and ids[0] == text:
+        return text
+    if not ids:
+        raise ArchiveError(f"no algorithm {text!r} in the archive (see `coevo review`)")
+    if len(ids) > 1:
+        raise ArchiveError(f"{text!r} names several algorithms ({', '.join(ids[:2])}, ...): give the whole id")
+    return str(ids[0])
+
+
+def review_history(archive: ArchiveReader, algorithm_id: str) -> list[dict[str, Any]]:
+    """An algorithm's verdicts, oldest first."""
+    return archive.records(
+        "SELECT verdict, note, reviewer, created_at FROM reviews WHERE algorithm_id = ? ORDER BY created_at, review_id",
+        [algorithm_id],
+    )
 
 
 def review_algorithm(archive: ArchiveReader, algorithm_id: str) -> dict[str, Any]:

@@ -25,6 +25,11 @@ from archive_store.db import (
 )
 from archive_store.summaries import SUMMARY_TABLES
 
+# A condition on an algorithm id column: its latest human verdict is not 'quarantine'.
+NOT_QUARANTINED = (
+    "{column} NOT IN (SELECT algorithm_id FROM latest_reviews WHERE verdict = 'quarantine')"
+)
+
 
 class Column(NamedTuple):
     """A column of an archive table: its type, whether a row must give it, its SQL default."""
@@ -78,16 +83,18 @@ class ArchiveReader:
     def top_algorithms(
         self, session_id: str, k: int, *, max_iteration: int | None = None
     ) -> list[dict]:
-        """The k executable algorithms with the best dev score, best first, with their code.
+        """The k executable algorithms with the best dev score, best first, with their code;
+        quarantined ones (a reviewer's latest verdict) never count.
 
         Keys: algorithm_id, iteration, sample_index, generator_version, prompt_hash,
         dev_score, test_score, code.
         """
-        sql = """
+        sql = f"""
             SELECT s.algorithm_id, s.iteration, s.sample_index, s.generator_version,
                    s.prompt_hash, s.dev_score, s.test_score, a.code
             FROM algorithm_scores s JOIN algorithms a USING (algorithm_id)
             WHERE s.session_id = ? AND s.verdict = 'ok' AND s.dev_score IS NOT NULL
+              AND {NOT_QUARANTINED.format(column="s.algorithm_id")}
         """
         params: list[Any] = [session_id]
         if max_iteration is not None:

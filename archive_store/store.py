@@ -424,9 +424,16 @@ class Archive(ArchiveReader):
         """Insert DPO preference pairs; returns how many were new.
 
         Keys: pair_id, session_id, iteration, prompt_hash, chosen_algorithm_id,
-        rejected_algorithm_id, chosen_score, rejected_score; optional: dpo_run_id, created_at.
+        rejected_algorithm_id, chosen_score, rejected_score; optional: dpo_run_id,
+        source ('scores' | 'human'), created_at.
         """
         return self._insert("preference_pairs", rows)
+
+    def add_reviews(self, rows: list[dict[str, Any]]) -> int:
+        """Insert human verdicts (never overwritten: a new verdict is a new row); returns how
+        many were new. Keys: review_id, algorithm_id, verdict ('approve' | 'reject' |
+        'quarantine'), note, reviewer, created_at."""
+        return self._insert("reviews", rows)
 
     def add_dpo_run(self, row: dict[str, Any]) -> int:
         """Insert one DPO run; returns 1 if new, 0 if already recorded.

@@ -163,6 +163,8 @@ def cmd_review(args: argparse.Namespace) -> int:
     from agents.console import percent
     from archive_store import Archive, ArchiveError, queries
 
+    if args.action in VERDICT_ACTIONS:
+        return _give_verdict(args)
     with Archive.open(_archive_path(args), read_only=True) as archive:
         session = args.session or (archive.latest_session() or {}).get("session_id")
         if args.action == "show":
@@ -180,6 +182,9 @@ def cmd_review(args: argparse.Namespace) -> int:
             if row["duration_s"] is not None:
                 print(f"sandbox    {row['duration_s']:.2f}s, peak {row['peak_memory_mb'] or 0:.0f} MB")
             print(f"scores     dev {percent(row['dev_score'])}  test {percent(row['test_score'])}")
+            for review in queries.review_history(archive, row["algorithm_id"]):
+                note = f": {review['note']}" if review["note"] else ""
+                print(f"verdict    {review['verdict']} by {review['reviewer']} at {review['created_at']:%Y-%m-%d %H:%M}{note}")
             print("\n" + row["code"])
             if row["stderr"]:
                 print("stderr (tail):\n" + row["stderr"][-2000:])
@@ -191,6 +196,35 @@ def cmd_review(args: argparse.Namespace) -> int:
         print(f"  {'algorithm':38} {'iter':>4} {'gen':>3} {'outcome':20} {'dev':>6} {'test':>6}")
         for algorithm_id, iteration, version, outcome, dev, test in listing:
             print(f"  {algorithm_id:38} {iteration:>4} {version:>3} {outcome or '-':20} {percent(dev):>6} {percent(test):>6}")
+    return 0
+
+
+VERDICT_ACTIONS = ("approve", "reject", "quarantine")  # archive_store.reviews.VERDICTS, without importing DuckDB
+
+
+def _give_verdict(args: argparse.Namespace) -> int:
+    """`coevo review approve|reject|quarantine ID [--note]`: into the workdir's inbox, and into
+    the archive at once unless a session is running (it records the inbox before its next
+    DPO update)."""
+    from archive_store import Archive, ArchiveError, queries
+    from archive_store.reviews import record_reviews, submit_review
+    from coevo.session import SessionError, workdir_lock
+
+    if not args.id:
+        raise ArchiveError(f"coevo review {args.action} needs an algorithm id (see `coevo review`)")
+    path = _archive_path(args)
+    with Archive.open(path, read_only=True) as archive:
+        algorithm_id = queries.resolve_algorithm_id(archive, args.id)
+    workdir = path.parent
+    row = submit_review(workdir, algorithm_id, args.action, args.note or "")
+    try:
+        with workdir_lock(workdir), Archive.open(path) as archive:
+            record_reviews(archive, workdir)
+            archive.publish_snapshot()
+    except SessionError:
+        print(f"{row['verdict']} {algorithm_id}: queued; the running session records it before its next DPO update")
+        return 0
+    print(f"{row['verdict']} {algorithm_id}: recorded (by {row['reviewer']})")
     return 0
 
 
@@ -281,9 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--archive", help="an explicit archive.duckdb path")
         p.set_defaults(func=cmd_archive)
 
-    p = sub.add_parser("review", help="review generated algorithms: list, or `show ID`")
-    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p = sub.add_parser("review", help="review generated algorithms: list, `show ID`, or `approve|reject|quarantine ID`")
+    p.add_argument("action", nargs="?", choices=["list", "show", *VERDICT_ACTIONS], default="list")
     p.add_argument("id", nargs="?")
+    p.add_argument("--note", help="approve / reject / quarantine: why (kept with the verdict)")
     workdir(p)
     p.add_argument("--archive", help="an explicit archive.duckdb path")
     p.add_argument("--session", help="session id (default: the latest)")

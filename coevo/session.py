@@ -138,6 +138,7 @@ def run_session(
                      "answer": t.answer, "origin": task_set}
                     for t in ctx.tasks
                 ])
+        ctx.record_reviews()  # verdicts given while no session ran
         archive.publish_snapshot()
         run_graph(build, ctx, start, resume=bool(resume))
         say("")

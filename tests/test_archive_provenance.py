@@ -83,7 +83,7 @@ def test_v2_archive_upgrades_in_place(path: Path) -> None:
     with pytest.raises(ArchiveError, match="schema v2.*open it once writable"):
         Archive.open(path, read_only=True)
     with Archive.open(path) as archive:
-        assert archive.scalar("SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 5
+        assert archive.scalar("SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 6
         # v5: earlier versions were full model dirs, run on their own weights, no adapter
         assert archive.query("SELECT version, weights, adapter_path, served_name FROM generator_versions "
                              "ORDER BY version")[1] == [(0, "/m/gen", None, None), (1, "w/v1", None, None)]
@@ -160,7 +160,7 @@ def test_export_import_round_trip_and_merge(tmp_path: Path) -> None:
         fill_v3(archive)
         exported = archive.export_parquet(tmp_path / "export")
     assert exported["algorithms"] == 10 and exported["evaluations"] == 21
-    assert json.loads((tmp_path / "export" / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION == 5
+    assert json.loads((tmp_path / "export" / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION == 6
     with Archive.open(second) as archive:
         added = archive.import_parquet(tmp_path / "export")
         assert added == exported

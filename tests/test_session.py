@@ -314,3 +314,43 @@ def test_judge_only_weights_in_ram_backed_scratch(tmp_path: Path, zoo_dir: Path)
         assert not scratch.exists() or not any(scratch.iterdir())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_reviewer_verdicts_train_the_next_dpo_update(tmp_path: Path, zoo_dir: Path) -> None:
+    """A session stopped after its first iteration's programs are scored; a reviewer approves
+    one, rejects one and quarantines the best (`coevo review`); the resumed session's DPO update
+    carries the human pairs, and the quarantined program is never an exemplar nor in the top-k."""
+    config = write_config(tmp_path / "c.toml", zoo_dir)
+    workdir = tmp_path / "w"
+    proc = launch(str(config), "--workdir", str(workdir))
+    read_until(proc, "  DPO: ", [])  # iteration 0 judged; its DPO update is training
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
+        sid = archive.scalar("select session_id from sessions")
+        ranked = [a["algorithm_id"] for a in archive.top_algorithms(sid, 100)]
+        assert archive.scalar("select count(*) from dpo_runs") == 0
+    best, liked, worst = ranked[0], ranked[1], ranked[-1]
+    for verdict, algorithm in (("quarantine", best), ("approve", liked), ("reject", worst)):
+        done = subprocess.run([sys.executable, "-m", "coevo", "review", verdict, algorithm, "--workdir", str(workdir)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "recorded" in done.stdout, done.stdout + done.stderr
+
+    resumed = launch("--resume", "--workdir", str(workdir))
+    output, _ = resumed.communicate(timeout=1200)
+    assert resumed.returncode == 0, output
+    assert "from reviewers (x2)" in output
+    check_complete(workdir)
+    with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
+        human = archive.query("select dpo_run_id, chosen_algorithm_id, rejected_algorithm_id from preference_pairs "
+                              "where source = 'human' order by pair_id")[1]
+        assert human and {r[0] for r in human} == {f"{sid}/dpo/it0", f"{sid}/dpo/it1"}  # a verdict keeps training
+        assert {r[1] for r in human} == {liked} and worst in {r[2] for r in human}
+        assert archive.scalar("select count(*) from preference_pairs where source = 'scores'") > 0
+        assert archive.scalar("select count(*) from preference_pairs where chosen_algorithm_id = ?", [best]) == 0
+        exemplars = {e for (ids,) in archive.query("select exemplar_ids from algorithms where iteration = 1")[1] for e in ids}
+        assert exemplars and best not in exemplars
+        tested = {r[0] for r in archive.query(
+            "select distinct m.algorithm_id from evaluations e join tasks t using (task_id) join models m using (model_id) "
+            "where t.split = 'test' and m.kind = 'merged'")[1]}
+        assert len(tested) == 3 and best not in tested
