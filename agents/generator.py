@@ -18,7 +18,7 @@ from typing import Any
 from agents.backends import Adapter, VersionedBackend
 from agents.config import GeneratorConfig
 from agents.console import say
-from agents.prompts import Prompt
+from agents.prompts import Prompt, PromptDirs, reload_prompt
 from sandbox.policy import PolicyVerdict, check_program, code_hash
 
 # The generator prompt ends inside a ```python block; its completion ends at this fence.
@@ -96,9 +96,11 @@ class Generator:
         *,
         n_experts: int,
         iterations: int,
+        prompt_dirs: PromptDirs = None,
     ) -> None:
         self.config = config
         self.prompt = prompt
+        self.prompt_dirs = prompt_dirs
         self.make_backend = make_backend
         self.n_experts = n_experts
         self.iterations = iterations
@@ -127,6 +129,14 @@ class Generator:
         g = self.config
         last = max(1, self.iterations - 1)
         return g.temperature_start + (g.temperature_end - g.temperature_start) * min(1.0, iteration / last)
+
+    def reload_prompt(self) -> str | None:
+        """Read the template again (from `prompt_dirs`; an edit is used from now on); returns
+        a warning when the file on disk is not a valid template (the last good one is kept)."""
+        if self.prompt_dirs is None:
+            return None
+        self.prompt, warning = reload_prompt(self.prompt, self.prompt_dirs)
+        return warning
 
     def render(self, exemplars: list[dict[str, Any]]) -> str:
         """The prompt, showing `exemplars` (archive rows with `code` and `dev_score` in [0, 1])."""

@@ -24,12 +24,11 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from agents.answer_text import extract_answer
 from agents.console import one_line, say
-from agents.prompts import load_prompt
+from agents.prompts import PromptDirs, load_prompt
 from agents.task_format import same_answer
 from agents.tasks import Task, TaskFamily
 from sandbox.jobs import CheckJob, Runner
@@ -166,7 +165,7 @@ class LLMJudge:
         self,
         backend: LLMBackend,
         *,
-        prompts_dir: Path | None = None,
+        prompts_dir: PromptDirs = None,
         max_new_tokens: int = 256,
         seed: int = 0,
     ) -> None:
@@ -224,7 +223,7 @@ class BestOfNPicker:
         self,
         backend: LLMBackend,
         *,
-        prompts_dir: Path | None = None,
+        prompts_dir: PromptDirs = None,
         seed: int = 0,
         max_new_tokens: int = 256,
     ) -> None:
@@ -257,7 +256,7 @@ def pick_best_of_n(
     question: str,
     candidates: list[str],
     *,
-    prompts_dir: Path | None = None,
+    prompts_dir: PromptDirs = None,
     seed: int = 0,
     max_new_tokens: int = 256,
 ) -> int:
@@ -370,7 +369,7 @@ class LLMGibberishFilter:
         self,
         backend: LLMBackend,
         *,
-        prompts_dir: Path | None = None,
+        prompts_dir: PromptDirs = None,
         max_new_tokens: int = 128,
         seed: int = 0,
     ) -> None:
@@ -416,7 +415,7 @@ def _shown(text: str) -> str:
     return text[:MAX_SHOWN_CHARS] + " ... [truncated]"
 
 
-def make_gibberish_filter(kind: str, backend: LLMBackend | None = None, *, prompts_dir: Path | None = None) -> GibberishFilter | None:
+def make_gibberish_filter(kind: str, backend: LLMBackend | None = None, *, prompts_dir: PromptDirs = None) -> GibberishFilter | None:
     """The filter for `population.gibberish`: "heuristic", "llm" (needs the judge LLM) or "off"."""
     if kind == "off":
         return None

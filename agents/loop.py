@@ -137,7 +137,7 @@ def sandbox_run_row(algorithm_id: str, result: SandboxResult, runner: Runner) ->
 def algorithm_row(
     session_id: str, algorithm_id: str, code: str, verdict: PolicyVerdict, *, iteration: int, sample_index: int,
     prompt_text: str, generator_version: int = 0, temperature: float = 0.0, exemplar_ids: list[str] | None = None,
-    duplicate_of: str | None = None, normalized_hash: str | None = None,
+    duplicate_of: str | None = None, normalized_hash: str | None = None, template_hash: str | None = None,
 ) -> dict[str, Any]:
     """The archive row of a merge program (generated, or a population child's operators)."""
     return {
@@ -145,7 +145,7 @@ def algorithm_row(
         "generator_version": generator_version, "prompt_hash": prompt_hash(prompt_text), "temperature": temperature,
         "code": code, "code_hash": prompt_hash(code), "normalized_hash": normalized_hash or code_hash(code),
         "duplicate_of": duplicate_of, "policy_ok": verdict.ok, "policy_rule": verdict.rule,
-        "policy_reason": verdict.reason, "exemplar_ids": exemplar_ids or [],
+        "policy_reason": verdict.reason, "exemplar_ids": exemplar_ids or [], "template_hash": template_hash,
     }
 
 

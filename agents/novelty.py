@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agents.prompts import load_prompt
+from agents.prompts import PromptDirs, load_prompt
 from agents.tasks import TaskFamily
 
 if TYPE_CHECKING:  # only for annotations: this module need not import torch
@@ -188,7 +188,7 @@ class LLMNoveltyJudge:
         inner: SimilarityFilter,
         backend: LLMBackend,
         *,
-        prompts_dir: Path | None = None,
+        prompts_dir: PromptDirs = None,
         max_new_tokens: int = 200,
     ) -> None:
         self.inner = inner
@@ -229,7 +229,7 @@ def make_novelty(
     threshold: float = DEFAULT_THRESHOLD,
     embedding_model: str = "",
     judge_backend: LLMBackend | None = None,
-    prompts_dir: Path | None = None,
+    prompts_dir: PromptDirs = None,
     device: str = "cpu",
 ) -> NoveltyFilter:
     """A novelty filter by kind, "lexical" or "embedding" (needs `embedding_model`, a model

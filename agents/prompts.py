@@ -4,12 +4,20 @@ Templates use `$name` placeholders (string.Template), so code samples with brace
 escaping. A leading HTML comment documents the template and is not part of the prompt. A
 session reads every role's template from one dir (`prompts_dir` in its config, else the
 templates shipped with coevo) and archives exactly the texts it read.
+
+A workdir may hold its own `prompts/` dir (written by `coevo serve`'s prompt editor): a template
+there overrides the session's one of the same name, and the generator's template is read again
+before every iteration, so an edit is used from the next iteration on. Edits are validated
+(`check_template`) before they are saved (`save_template`); the installed templates are never
+written.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +43,13 @@ REQUIRED = {
     "task_writer_novel": {"parent", "feedback", "n_instances"},
     "task_novelty": {"candidate", "neighbours"},
 }
+
+
+# Where a session's roles read templates: one dir, or several with the first that holds a
+# template winning (the workdir's edits before the config's dir).
+PromptDirs = Path | Sequence[Path] | None
+WORKDIR_PROMPTS = "prompts"  # <workdir>/prompts: edits made with `coevo serve`
+TEMPLATE_LIMIT = 100_000  # characters
 
 
 class PromptError(ValueError):
@@ -71,11 +86,29 @@ def _strip_header(raw: str) -> str:
     return re.sub(r"\A\s*<!--.*?-->\s*\n", "", raw, count=1, flags=re.S)
 
 
-def load_prompt(name: str, prompts_dir: Path | None = None) -> Prompt:
-    """The template `name` from `prompts_dir` (default: the shipped ones), its placeholders checked."""
-    directory = Path(prompts_dir or DEFAULT_PROMPTS_DIR)
-    path = directory / f"{name}.md"
+def _dirs(prompts_dir: PromptDirs) -> list[Path]:
+    if prompts_dir is None:
+        return [DEFAULT_PROMPTS_DIR]
+    if isinstance(prompts_dir, (str, Path)):
+        return [Path(prompts_dir)]
+    return [Path(d) for d in prompts_dir] or [DEFAULT_PROMPTS_DIR]
+
+
+def template_path(name: str, prompts_dir: PromptDirs = None) -> Path:
+    """The file `name` is read from: the first of `prompts_dir` that holds it (else the last dir)."""
+    dirs = _dirs(prompts_dir)
+    for directory in dirs:
+        if (directory / f"{name}.md").is_file():
+            return directory / f"{name}.md"
+    return dirs[-1] / f"{name}.md"
+
+
+def load_prompt(name: str, prompts_dir: PromptDirs = None) -> Prompt:
+    """The template `name` from `prompts_dir` (default: the shipped ones; several dirs: the
+    first that has it), its placeholders checked."""
+    path = template_path(name, prompts_dir)
     if not path.is_file():
+        directory = _dirs(prompts_dir)[-1]
         available = ", ".join(p.stem for p in sorted(directory.glob("*.md"))) or "none"
         raise PromptError(f"no prompt {name!r} in {directory} (available: {available})")
     prompt = Prompt(name, path, _strip_header(path.read_text()))
@@ -86,6 +119,57 @@ def load_prompt(name: str, prompts_dir: Path | None = None) -> Prompt:
     return prompt
 
 
-def list_prompts(prompts_dir: Path | None = None) -> list[Prompt]:
-    directory = Path(prompts_dir or DEFAULT_PROMPTS_DIR)
-    return [load_prompt(p.stem, directory) for p in sorted(directory.glob("*.md"))]
+def reload_prompt(prompt: Prompt, prompts_dir: PromptDirs) -> tuple[Prompt, str | None]:
+    """`prompt` read again from `prompts_dir`: (the current template, a warning or None).
+
+    A template edited into something invalid by hand keeps the last good one, with a warning:
+    a running session does not stop over a typo."""
+    try:
+        fresh = load_prompt(prompt.name, prompts_dir)
+        check_template(prompt.name, fresh.text)
+    except (PromptError, OSError, UnicodeDecodeError) as err:
+        return prompt, f"prompt {prompt.name!r} not reloaded, keeping hash {prompt.hash}: {err}"
+    return fresh, None
+
+
+def list_prompts(prompts_dir: PromptDirs = None) -> list[Prompt]:
+    """Every template: the union of the dirs' names, each read from where it wins."""
+    names = sorted({p.stem for d in _dirs(prompts_dir) for p in d.glob("*.md")})
+    return [load_prompt(name, prompts_dir) for name in names]
+
+
+def check_template(name: str, raw: str) -> str:
+    """The template text of `raw` (header comment dropped) if it is a valid template for role
+    `name`: exactly the placeholders the role fills, no unknown `$name`, no stray `$`.
+    PromptError says what is wrong otherwise."""
+    if name not in REQUIRED:
+        raise PromptError(f"unknown prompt {name!r} (known: {', '.join(sorted(REQUIRED))})")
+    if len(raw) > TEMPLATE_LIMIT:
+        raise PromptError(f"prompt {name!r} is {len(raw)} characters; at most {TEMPLATE_LIMIT}")
+    text = _strip_header(raw)
+    if not text.strip():
+        raise PromptError(f"prompt {name!r} is empty")
+    for match in string.Template.pattern.finditer(text):
+        if match.group("invalid") is not None:
+            line = text.count("\n", 0, match.start("invalid")) + 1
+            raise PromptError(f"prompt {name!r} line {line}: a lone '$' (write $$ for a literal dollar sign)")
+    found = Prompt(name, Path(f"{name}.md"), text).placeholders
+    required = REQUIRED[name]
+    unknown, missing = found - required, required - found
+    if unknown:
+        raise PromptError(f"prompt {name!r} uses unknown placeholder(s) {', '.join('$' + p for p in sorted(unknown))}; "
+                          f"it may use {', '.join('$' + p for p in sorted(required))}")
+    if missing:
+        raise PromptError(f"prompt {name!r} lacks placeholder(s) {', '.join('$' + p for p in sorted(missing))}")
+    return text
+
+
+def save_template(name: str, raw: str, workdir_prompts: Path) -> Prompt:
+    """Validate `raw` and write it (whole, then renamed into place) as `workdir_prompts/name.md`."""
+    check_template(name, raw)
+    workdir_prompts.mkdir(parents=True, exist_ok=True)
+    target = workdir_prompts / f"{name}.md"
+    partial = workdir_prompts / f".{name}.md.partial"
+    partial.write_text(raw if raw.endswith("\n") else raw + "\n", encoding="utf-8")
+    os.replace(partial, target)
+    return load_prompt(name, [workdir_prompts])

@@ -45,6 +45,7 @@ class SessionState(TypedDict, total=False):
     generator_path: str       # the version's model dir; for LoRA versions, the weights under the adapter
     generator_adapter: str    # the version's LoRA adapter dir ('' = none)
     prompt_text: str
+    template_text: str        # the generator template prompt_text was rendered from
     proposals: list[dict[str, Any]]
     to_execute: list[str]
     finished: bool
@@ -193,6 +194,12 @@ def propose(state: SessionState, runtime: Ctx) -> SessionState:
     ctx.record_reviews()  # a quarantined program is never an exemplar
     k = generator.config.exemplars
     exemplars = ctx.archive.top_algorithms(ctx.session_id, k, max_iteration=it - 1) if k else []
+    before = generator.prompt.hash
+    warning = generator.reload_prompt()  # an edit saved since the last iteration is used from here on
+    if warning:
+        say(f"  [prompts] {warning}")
+    elif generator.prompt.hash != before:
+        say(f"  [prompts] generator template {before} -> {generator.prompt.hash} ({generator.prompt.path})")
     prompt_text = generator.render(exemplars)
     temperature = generator.temperature(it)
     completions = generator.sample(
@@ -209,7 +216,7 @@ def propose(state: SessionState, runtime: Ctx) -> SessionState:
         }
         for index, completion in enumerate(completions)
     ]
-    return {"proposals": proposals, "prompt_text": prompt_text}
+    return {"proposals": proposals, "prompt_text": prompt_text, "template_text": generator.prompt.text}
 
 
 def vet(state: SessionState, runtime: Ctx) -> SessionState:
@@ -220,17 +227,20 @@ def vet(state: SessionState, runtime: Ctx) -> SessionState:
         return {"to_execute": queries.runnable_algorithms(ctx.archive, sid, it)}
     seen = queries.first_algorithm_by_code(ctx.archive, sid, before_iteration=it)
     proposals = state["proposals"]
+    template = state.get("template_text") or ctx.generator.prompt.text  # (checkpoints of schema < 7 lack it)
+    template_hash = prompt_hash(template)
     vetted = vet_programs([(p["algorithm_id"], p["completion"]) for p in proposals], seen)
     rows = [
         algorithm_row(
             sid, p["algorithm_id"], v.code, v.verdict, iteration=it, sample_index=p["sample_index"],
             prompt_text=state["prompt_text"], generator_version=state["generator_version"],
             temperature=p["temperature"], exemplar_ids=p["exemplar_ids"], duplicate_of=v.duplicate_of,
-            normalized_hash=v.normalized_hash,
+            normalized_hash=v.normalized_hash, template_hash=template_hash,
         )
         for p, v in zip(proposals, vetted, strict=True)
     ]
     with ctx.step(it, "vet") as archive:
+        archive.add_prompt("generator-template", ctx.generator.prompt.name, template)
         archive.add_prompt("generator", ctx.generator.prompt.name, state["prompt_text"])
         archive.add_algorithms(rows)
     to_execute = [p["algorithm_id"] for p, v in zip(proposals, vetted, strict=True) if v.runnable]

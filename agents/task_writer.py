@@ -23,12 +23,11 @@ import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agents.console import one_line
 from agents.novelty import NoveltyFilter
-from agents.prompts import Prompt, load_prompt
+from agents.prompts import Prompt, PromptDirs, load_prompt
 from agents.tasks import Rejection, TaskFamily
 from sandbox.jobs import CheckJob, Runner
 from sandbox.policy import check_checker
@@ -384,7 +383,7 @@ class LLMTaskWriter:
         self,
         backend: LLMBackend,
         *,
-        prompts_dir: Path | None = None,
+        prompts_dir: PromptDirs = None,
         n_instances: int = 8,
         temperature: float = 0.7,
         max_new_tokens: int = 1500,

@@ -1,5 +1,6 @@
 """`coevo sql`: run SQL against an archive and format the result for a terminal or a file,
-one statement at a time (`run_sql`) or in an interactive shell (`repl`)."""
+one statement at a time (`run_sql`) or in an interactive shell (`repl`); and the sealed-off
+connection behind `coevo serve`'s SQL console (`console_query`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import csv
 import io
 import json
 import sys
+import threading
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -14,8 +16,8 @@ from typing import Any
 
 import duckdb
 
-from archive_store.db import ArchiveError
-from archive_store.store import Archive
+from archive_store.db import ArchiveError, one_line
+from archive_store.store import Archive, snapshot_path
 
 FORMATS = ("table", "csv", "json", "markdown", "parquet")
 _CHANGES = (duckdb.StatementType.INSERT, duckdb.StatementType.UPDATE, duckdb.StatementType.DELETE)
@@ -276,3 +278,52 @@ def _dot_command(archive_path: Path, line: str) -> bool:
     except ArchiveError as err:
         print(f"error: {err}", file=sys.stderr)
     return False
+
+
+# ----------------------------------------------------------------------------- browser console
+
+CONSOLE_TIMEOUT_S = 30.0
+
+
+def console_query(archive_path: Path, sql: str, *, max_rows: int = 1000) -> tuple[list[str], list[tuple], bool]:
+    """Run `sql` for `coevo serve`'s SQL console: (columns, up to `max_rows` rows, whether cut).
+
+    The connection is read-only, on the published snapshot, with DuckDB's external access off
+    and its configuration locked, so a query from a browser can neither change the archive nor
+    read or write a host file (`read_text`, `COPY ... TO`, `ATTACH`, extensions). A query still
+    running after 30 s is interrupted. Errors raise `ArchiveError` on one line.
+    """
+    if not sql.strip():
+        raise ArchiveError("empty query")
+    path = Path(archive_path)
+    source = snapshot_path(path) if snapshot_path(path).is_file() else path
+    if not source.is_file():
+        raise ArchiveError(f"no archive at {path}")
+    try:
+        con = duckdb.connect(str(source), read_only=True, config={
+            "enable_external_access": False, "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False, "lock_configuration": True,
+        })
+    except duckdb.Error as exc:
+        raise ArchiveError(f"cannot open archive {path}: {one_line(str(exc))}") from None
+    timer = threading.Timer(CONSOLE_TIMEOUT_S, con.interrupt)
+    timer.start()
+    try:
+        result = con.execute(sql)
+        if result.description is None:
+            return [], [], False
+        columns = [d[0] for d in result.description]
+        rows = result.fetchmany(max_rows + 1)
+    except duckdb.InterruptException:
+        raise ArchiveError(f"query interrupted after {CONSOLE_TIMEOUT_S:.0f} s") from None
+    except duckdb.Error as exc:
+        raise ArchiveError(one_line(str(exc))) from None
+    finally:
+        timer.cancel()
+        con.close()
+    return columns, rows[:max_rows], len(rows) > max_rows
+
+
+def csv_text(columns: list[str], rows: list[tuple]) -> str:
+    """`rows` as CSV (what `coevo sql --format csv` prints)."""
+    return _csv(columns, rows)

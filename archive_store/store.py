@@ -59,6 +59,7 @@ VIEWS = (
     "task_stats",
     "coverage",
     "dpo_history",
+    "prompt_versions",
 )
 # Views over what only the population modes (acdc, cycleqd) write.
 POPULATION_VIEWS = ("skill_vectors", "task_pool")

@@ -12,7 +12,8 @@ The sessions' own coverage is measured on their own (moving) task pools, so arms
 a fixed held-out benchmark instead: the zoo's test split plus harder and composed families the
 sessions never see (seed 10_000). Each generation's greedy team (picked on the session's own
 tasks, as in AC/DC) answers the benchmark; a benchmark task is covered when a team member's
-answer is exactly right. Writes `results.json`, a markdown summary and SVG plots to --out.
+answer is exactly right. Writes `results.json`, a markdown summary and SVG plots (matplotlib, as
+`coevo serve` draws them) to --out.
 
     python bench/coevolution_experiments.py --seeds 0 1 2 --out experiments/ [--only acdc-tasks ...]
 """
@@ -33,6 +34,7 @@ from agents.answerer import Answerer
 from agents.judge import exact_match
 from agents.tasks import load_tasks
 from archive_store import Archive
+from coevo.web import plots
 from coevo.zoo.build import default_zoo_dir, ensure_zoo
 from coevo.zoo.task_families import procedural_family
 
@@ -152,38 +154,8 @@ def _mean(values: list[float]) -> float | None:
 
 
 def svg_plot(path: Path, title: str, series: dict[str, list[float]], ylabel: str, first: int = 0) -> None:
-    """A dependency-free line chart: one polyline per series (mean over seeds) with a legend."""
-    width, height, left, right, top, bottom = 560, 320, 56, 150, 30, 40
-    values = [v for s in series.values() for v in s]
-    lo, hi = min(values), max(values)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.05, hi + 0.05
-    n = max(len(s) for s in series.values())
-    def x(i: int) -> float:
-        return left + (width - left - right) * (i / max(1, n - 1))
-    def y(v: float) -> float:
-        return top + (height - top - bottom) * (1 - (v - lo) / (hi - lo))
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-             f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{left}" y="18" font-size="13">{title}</text>',
-             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
-             f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">generation</text>',
-             f'<text x="14" y="{(top + height - bottom) / 2}" transform="rotate(-90 14 {(top + height - bottom) / 2})" text-anchor="middle">{ylabel}</text>']
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
-        parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{100 * v:.0f}</text>')
-        parts.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{width - right}" y2="{y(v):.1f}" stroke="#ddd"/>')
-    for i in range(n):
-        parts.append(f'<text x="{x(i):.1f}" y="{height - bottom + 14}" text-anchor="middle">{i + first}</text>')
-    for index, (name, s) in enumerate(series.items()):
-        color = colors[index % len(colors)]
-        points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(s))
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
-        parts.append(f'<text x="{width - right + 8}" y="{top + 16 * index + 10}" fill="{color}">{name}</text>')
-    parts.append("</svg>")
-    path.write_text("\n".join(parts) + "\n")
+    """A line chart per generation (mean over seeds), drawn by coevo's plotting (matplotlib)."""
+    path.write_text(plots.generation_lines(title, series, ylabel, first=first) + "\n")
 
 
 def summarise(results: dict, out: Path) -> str:
@@ -241,9 +213,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--zoo", type=Path, default=None, help="zoo dir (default: the cached embedded zoo)")
     parser.add_argument("--remeasure", action="store_true", help="measure the finished runs again (no new sessions)")
+    parser.add_argument("--plots-only", action="store_true", help="redraw the plots from --out's results.json and stop")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.plots_only:
+        done = json.loads((out / "results.json").read_text())
+        summarise({e: done[e] for e in args.only if e in done}, out)
+        return
     zoo = ensure_zoo(args.zoo or default_zoo_dir(0), seed=0)
     bench = benchmark(zoo)
     judge = Answerer(zoo / "base", batch_size=512)

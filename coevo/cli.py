@@ -1,4 +1,5 @@
-"""`coevo` command line: launch sessions, build the zoo, run the sandbox, query, review, prompts."""
+"""`coevo` command line: launch sessions, build the zoo, run the sandbox, query, review, prompts,
+serve the review web app, write reports."""
 
 from __future__ import annotations
 
@@ -206,25 +207,16 @@ def _give_verdict(args: argparse.Namespace) -> int:
     """`coevo review approve|reject|quarantine ID [--note]`: into the workdir's inbox, and into
     the archive at once unless a session is running (it records the inbox before its next
     DPO update)."""
-    from archive_store import Archive, ArchiveError, queries
-    from archive_store.reviews import record_reviews, submit_review
-    from coevo.session import SessionError, workdir_lock
+    from archive_store import ArchiveError
+    from coevo.verdicts import give_verdict
 
     if not args.id:
         raise ArchiveError(f"coevo review {args.action} needs an algorithm id (see `coevo review`)")
-    path = _archive_path(args)
-    with Archive.open(path, read_only=True) as archive:
-        algorithm_id = queries.resolve_algorithm_id(archive, args.id)
-    workdir = path.parent
-    row = submit_review(workdir, algorithm_id, args.action, args.note or "")
-    try:
-        with workdir_lock(workdir), Archive.open(path) as archive:
-            record_reviews(archive, workdir)
-            archive.publish_snapshot()
-    except SessionError:
-        print(f"{row['verdict']} {algorithm_id}: queued; the running session records it before its next DPO update")
+    row, recorded = give_verdict(_archive_path(args), args.id, args.action, args.note or "")
+    if not recorded:
+        print(f"{row['verdict']} {row['algorithm_id']}: queued; the running session records it before its next DPO update")
         return 0
-    print(f"{row['verdict']} {algorithm_id}: recorded (by {row['reviewer']})")
+    print(f"{row['verdict']} {row['algorithm_id']}: recorded (by {row['reviewer']})")
     return 0
 
 
@@ -242,6 +234,58 @@ def cmd_prompts(args: argparse.Namespace) -> int:
         for prompt in list_prompts(directory):
             placeholders = ", ".join(f"${p}" for p in sorted(prompt.placeholders))
             print(f"{prompt.name:16} {prompt.hash}  {prompt.path}  [{placeholders}]")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import socket
+
+    from archive_store import ArchiveError
+    from coevo.web.auth import new_token
+
+    workdir = Path(args.workdir)
+    if not workdir.is_dir():
+        raise ArchiveError(f"no workdir {workdir} (run `coevo launch --workdir {workdir}` first, or pass --workdir)")
+    token = os.environ.get("COEVO_SERVE_TOKEN") or new_token()
+    try:  # a clear line instead of uvicorn's traceback-ish exit when the port is taken
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+    except OSError as err:
+        raise ArchiveError(f"cannot listen on {args.host}:{args.port}: {err.strerror} (pick another --port)") from None
+    import uvicorn
+
+    from coevo.web.app import ReviewApp
+
+    app = ReviewApp(workdir, token, poll_s=args.poll).build()
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}, reachable from other machines; every request still needs the token",
+              file=sys.stderr)
+    print(f"coevo serve: {workdir.resolve()}", flush=True)
+    print(f"  open http://{shown}:{args.port}/?token={token}", flush=True)
+    print("  (Ctrl-C stops it)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from archive_store import Archive, ArchiveError, queries
+    from coevo.report import format_report
+
+    path = _archive_path(args)
+    if args.html:
+        from coevo.web.report import write_html_report
+
+        session_id = write_html_report(path, Path(args.html), args.session)
+        print(f"wrote the report of session {session_id} to {args.html}")
+        return 0
+    with Archive.open(path, read_only=True) as archive:
+        row = queries.session(archive, args.session) if args.session else archive.latest_session()
+        if row is None:
+            raise ArchiveError(f"no session {args.session!r} in {path}" if args.session else f"{path} holds no session yet")
+        print(format_report(archive, row["session_id"], row["mode"]))
     return 0
 
 
@@ -325,6 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outcome", help="only this outcome (ok, timeout, rejected_by_policy, duplicate, ...)")
     p.add_argument("--limit", type=int, default=30)
     p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("serve", help="a local web app to review, judge and steer (sessions, code, prompts, SQL)")
+    workdir(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between refreshes of a running session's page")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("report", help="a session's report: text, or one self-contained HTML file (--html)")
+    workdir(p)
+    p.add_argument("--archive", help="an explicit archive.duckdb path")
+    p.add_argument("--session", help="session id (default: the latest)")
+    p.add_argument("--html", metavar="OUT", help="write a self-contained HTML report (plots, leaderboard, best code) to OUT")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("prompts", help="the editable prompt templates")
     p.add_argument("action", nargs="?", choices=["list", "show", "path"], default="list")

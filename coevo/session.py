@@ -27,7 +27,7 @@ from agents.generator import Generator, GeneratorVersion
 from agents.judge import BestOfNPicker, LLMJudge, make_gibberish_filter
 from agents.loop import LoopContext, run_graph
 from agents.novelty import make_novelty
-from agents.prompts import Prompt, load_prompt
+from agents.prompts import DEFAULT_PROMPTS_DIR, WORKDIR_PROMPTS, Prompt, load_prompt
 from agents.task_writer import LLMTaskWriter, TaskWriter
 from agents.tasks import families_from_tasks, load_tasks
 from archive_store import Archive, queries
@@ -174,8 +174,10 @@ def _resolve_models(config: Config) -> tuple[Path, list[Path], Path, Path | None
     return zoo / "base", experts, zoo / "tasks", zoo / "generator", f"zoo-s{config.zoo.seed}"
 
 
-def _prompts_dir(config: Config) -> Path | None:
-    return Path(config.prompts_dir) if config.prompts_dir else None
+def _prompts_dir(config: Config, workdir: Path) -> list[Path]:
+    """Templates in the workdir's prompts/ (edits from `coevo serve`) first, then the config's
+    dir (or the shipped ones)."""
+    return [workdir / WORKDIR_PROMPTS, Path(config.prompts_dir) if config.prompts_dir else DEFAULT_PROMPTS_DIR]
 
 
 # ----------------------------------------------------------------------------- Self-Developing
@@ -205,9 +207,12 @@ def _selfdev(
         # a served one is reached at base_url and new versions are hot-loaded into it.
         return make_generator_backend(g, path, lora_rank=lora_rank, workdir=shared["workdir"])
 
-    prompt = load_prompt("generator", _prompts_dir(config))
+    prompt_dirs = _prompts_dir(config, shared["workdir"])
+    prompt = load_prompt("generator", prompt_dirs)
+    if prompt.path.parent == prompt_dirs[0]:
+        say(f"[session] generator template {prompt.hash} (edited: {prompt.path})")
     generator = Generator(g, prompt, make_backend, n_experts=len(shared["expert_dirs"]),
-                          iterations=config.session.iterations)
+                          iterations=config.session.iterations, prompt_dirs=prompt_dirs)
     tasks = load_tasks(tasks_dir)
     ctx = selfdev.SelfdevContext(**shared, tasks=tasks, task_prefix=task_set, generator=generator)
     current = queries.current_generator_version(shared["archive"], ctx.session_id) if resume else None
@@ -228,7 +233,7 @@ def _selfdev(
 # ----------------------------------------------------------------------------- population modes
 
 
-def make_writer(config: Config, session_id: str) -> TaskWriter:
+def make_writer(config: Config, session_id: str, workdir: Path) -> TaskWriter:
     """The task writer the config asks for: procedural (embedded zoo) or an LLM, seeded with
     the user's task set (`models.tasks`, one family per skill) when there is one."""
     cfg = config.tasks
@@ -238,7 +243,7 @@ def make_writer(config: Config, session_id: str) -> TaskWriter:
             tasks = [t for t in load_tasks(Path(config.models.tasks)) if t.split == "dev"]
             seeds = families_from_tasks(tasks, prefix=f"{session_id}/tasks")
         return LLMTaskWriter(
-            make_llm(cfg.llm), prompts_dir=_prompts_dir(config), n_instances=cfg.instances,
+            make_llm(cfg.llm), prompts_dir=_prompts_dir(config, workdir), n_instances=cfg.instances,
             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed_families=seeds,
         )
     if config.models.base:
@@ -272,8 +277,8 @@ def _population(
     shared: dict[str, Any], archive: Archive, runner: Runner, *, resume: bool
 ) -> tuple[population.PopulationContext, dict[str, Any], list[tuple[str, Prompt]]]:
     config: Config = shared["config"]
-    sid, prompts_dir = shared["session_id"], _prompts_dir(config)
-    writer = make_writer(config, sid)
+    sid, prompts_dir = shared["session_id"], _prompts_dir(config, shared["workdir"])
+    writer = make_writer(config, sid, shared["workdir"])
     judge_llm = make_llm(config.judge.llm) if config.judge.llm.model else None
     tasks = config.tasks
     novelty = make_novelty(

@@ -83,7 +83,9 @@ def test_v2_archive_upgrades_in_place(path: Path) -> None:
     with pytest.raises(ArchiveError, match="schema v2.*open it once writable"):
         Archive.open(path, read_only=True)
     with Archive.open(path) as archive:
-        assert archive.scalar("SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 6
+        assert archive.scalar("SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 7
+        # v7: algorithms from before templates were editable have no template hash
+        assert archive.query("SELECT template_hash FROM algorithms")[1] == [(None,)]
         # v5: earlier versions were full model dirs, run on their own weights, no adapter
         assert archive.query("SELECT version, weights, adapter_path, served_name FROM generator_versions "
                              "ORDER BY version")[1] == [(0, "/m/gen", None, None), (1, "w/v1", None, None)]
@@ -116,9 +118,12 @@ def test_summaries_kept_on_insert_match_a_full_rebuild(path: Path) -> None:
 def test_every_view_returns_rows(path: Path) -> None:
     with Archive.open(path) as archive:
         fill_v3(archive)
+        template = archive.add_prompt("generator-template", "generator", "Merge $n_experts experts.\n$exemplars")
+        archive.query("UPDATE algorithms SET template_hash = ? WHERE iteration = 1", [template])
     with Archive.open(path, read_only=True) as archive:
         for view in VIEWS:
             assert archive.scalar(f"SELECT count(*) FROM {view}") > 0, view
+        assert archive.query("SELECT name, n_artifacts FROM prompt_versions")[1] == [("generator", 5)]
         lineage = archive.records("SELECT * FROM lineage WHERE model_id = 'm-a1' ORDER BY ancestor_id")
         assert [(r["ancestor_id"], r["depth"], r["algorithm_id"]) for r in lineage] == [
             ("e0", 1, "a1"),
@@ -160,7 +165,7 @@ def test_export_import_round_trip_and_merge(tmp_path: Path) -> None:
         fill_v3(archive)
         exported = archive.export_parquet(tmp_path / "export")
     assert exported["algorithms"] == 10 and exported["evaluations"] == 21
-    assert json.loads((tmp_path / "export" / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION == 6
+    assert json.loads((tmp_path / "export" / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION == 7
     with Archive.open(second) as archive:
         added = archive.import_parquet(tmp_path / "export")
         assert added == exported

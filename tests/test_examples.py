@@ -56,4 +56,4 @@ def test_procedural_writer_refuses_user_models(tmp_path: Path) -> None:
         'mode = "acdc"\n[models]\nbase = "/m/base"\nexperts = ["/m/e1"]\ntasks = "/m/tasks"\n'
     )
     with pytest.raises(ConfigError, match="tasks.writer = 'llm'"):
-        make_writer(load_config(config_path), "s")
+        make_writer(load_config(config_path), "s", tmp_path)

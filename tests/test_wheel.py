@@ -1,6 +1,6 @@
-"""A wheel install works outside the source tree: the prompt templates, the archive's schema
-and the sandbox image's Dockerfile ship inside it, so `coevo prompts list`, the migrations and
-the image's build context work."""
+"""A wheel install works outside the source tree: the prompt templates, the archive's schema,
+the sandbox image's Dockerfile and the web app's templates and static files ship inside it, so
+`coevo prompts list`, the migrations, the image's build context and `coevo serve` work."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def test_wheel_ships_prompts_and_the_image_context(tmp_path: Path) -> None:
     names = {line.split()[0] for line in listed.splitlines()}
     assert {"generator", "judge", "gibberish", "best_of_n", "task_writer", "task_novelty"} <= names
     assert str(venv) in run(str(venv / "bin" / "coevo"), "prompts", "path")
+    # The web app's templates and its own copy of htmx (no CDN) ship too.
+    run(str(python), "-c", "from coevo.web.render import environment; from coevo.web.app import STATIC; "
+        "environment().get_template('session.html'); assert (STATIC / 'htmx.min.js').stat().st_size > 10000")
     context = tmp_path / "context"
     context.mkdir()
     run(str(python), "-c", "import sys; from pathlib import Path; from sandbox.image import requirements, "
