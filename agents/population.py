@@ -46,6 +46,7 @@ from agents.operators import (
     describe_operators,
     pick_algorithm,
 )
+from agents.prompts import Prompt, PromptDirs, reload_prompt
 from agents.selection import (
     MapElites,
     cycleqd_quality,
@@ -95,6 +96,7 @@ class PopulationContext(LoopContext):
     gibberish: GibberishFilter | None = None
     best_of_n: BestOfNPicker | None = None  # judge.best_of_n = "llm"
     algorithms: list[dict[str, Any]] = field(default_factory=list)  # generated crossovers to draw from
+    prompt_dirs: PromptDirs = None  # where the roles' templates are read again each generation
     _families: dict[str, TaskFamily] | None = field(default=None, repr=False)
 
     def answers(self, model_dir: Path, tasks: list[FamilyTask]) -> list[str]:
@@ -104,6 +106,44 @@ class PopulationContext(LoopContext):
         self.answerer.max_new_tokens = max(self.config.judge.max_new_tokens, longest + 2)
         as_tasks = [Task(task_id, "", "dev", prompt, "", family_format(family)) for task_id, prompt, family, _ in tasks]
         return self.answerer.answer_tasks(model_dir, as_tasks)
+
+    def _prompt_holders(self) -> list[tuple[str, Any, str]]:
+        """(role, object, attribute or dict key) of every template the session's roles hold."""
+        holders: list[tuple[str, Any, str]] = []
+        for key in sorted(getattr(self.writer, "prompts", {}) or {}):
+            holders.append(("task_writer", self.writer.prompts, key))  # type: ignore[attr-defined]
+        if getattr(self.novelty, "prompt", None) is not None:
+            holders.append(("task_writer", self.novelty, "prompt"))
+        for role in (self.llm_judge, self.gibberish, self.best_of_n):
+            if getattr(role, "prompt", None) is not None:
+                holders.append(("judge", role, "prompt"))
+        return holders
+
+    def role_prompts(self) -> list[tuple[str, Prompt]]:
+        """(role, template) of every template this session's roles use now."""
+        return [(role, holder[key] if isinstance(holder, dict) else getattr(holder, key))
+                for role, holder, key in self._prompt_holders()]
+
+    def reload_prompts(self) -> None:
+        """Read every role's template again: an edit is used from this generation on (an
+        invalid one is reported and the last good template kept)."""
+        if self.prompt_dirs is None:
+            return
+        for _, holder, key in self._prompt_holders():
+            old = holder[key] if isinstance(holder, dict) else getattr(holder, key)
+            new, warning = reload_prompt(old, self.prompt_dirs)
+            if warning:
+                say(f"  [prompts] {warning}")
+            elif new.hash != old.hash:
+                say(f"  [prompts] {new.name} template {old.hash} -> {new.hash} ({new.path})")
+            if isinstance(holder, dict):
+                holder[key] = new
+            else:
+                setattr(holder, key, new)
+
+    def prompt_uses(self) -> list[tuple[str, str, str, str]]:
+        """What `Archive.add_prompt_uses` records for the current templates."""
+        return [(role, p.name, p.text, p.hash) for role, p in self.role_prompts()]
 
     def families(self) -> dict[str, TaskFamily]:
         """The active task families, read from the archive once and kept up to date after."""
@@ -156,6 +196,7 @@ def seed(state: PopulationState, runtime: Ctx) -> PopulationState:
     ]
     evaluation_rows = _evaluate(ctx, [(m, path) for m, _, _, path in models], ctx.active_tasks(), label="judge (seed population)")
     with ctx.step(0, "seed") as archive:
+        archive.add_prompt_uses(sid, 0, ctx.prompt_uses())
         archive.add_task_families(family_rows(sid, accepted, 0))
         archive.add_tasks(family_task_rows(accepted))
         archive.add_task_rejections(rejection_rows(sid, rejected, 0))
@@ -171,6 +212,7 @@ def write_tasks(state: PopulationState, runtime: Ctx) -> PopulationState:
     """Adapt the task pool to the population (AC/DC): remove, make harder, make novel."""
     ctx = runtime.context
     g, sid, cfg = state["generation"], ctx.session_id, ctx.config.tasks
+    ctx.reload_prompts()  # the first step of every generation after the seed
     if not cfg.coevolve or g % cfg.adapt_every != 0 or ctx.done(g, "write_tasks"):
         return {}
     members = ctx.population(g - 1)
@@ -262,6 +304,7 @@ def breed(state: PopulationState, runtime: Ctx) -> PopulationState:
         else:
             say(f"  child {child['index']}: {result.verdict}: {result.reason}")
     with ctx.step(g, "breed") as archive:
+        archive.add_prompt_uses(sid, g, ctx.prompt_uses())
         archive.add_prompt("operator", f"{ctx.config.mode}-operators", operator_text)
         archive.add_algorithms(algorithm_rows)
         archive.add_sandbox_runs(runs)

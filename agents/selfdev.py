@@ -240,7 +240,7 @@ def vet(state: SessionState, runtime: Ctx) -> SessionState:
         for p, v in zip(proposals, vetted, strict=True)
     ]
     with ctx.step(it, "vet") as archive:
-        archive.add_prompt("generator-template", ctx.generator.prompt.name, template)
+        archive.add_prompt_uses(sid, it, [("generator-template", ctx.generator.prompt.name, template, template_hash)])
         archive.add_prompt("generator", ctx.generator.prompt.name, state["prompt_text"])
         archive.add_algorithms(rows)
     to_execute = [p["algorithm_id"] for p, v in zip(proposals, vetted, strict=True) if v.runnable]

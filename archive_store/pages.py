@@ -43,6 +43,25 @@ def session_detail(archive: ArchiveReader, session_id: str) -> dict[str, Any]:
     return row
 
 
+def step_timings(archive: ArchiveReader, session_id: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """(steps in the order they run, one row per iteration / generation: {generation, total,
+    step: seconds}). A step's time runs from the previous step's commit (the session's start for the
+    first); after a resume it includes the time the session was stopped."""
+    steps: list[str] = []
+    rows: dict[int, dict[str, Any]] = {}
+    for generation, step, seconds in archive.query(
+        "SELECT g.generation, g.step, date_diff('millisecond', coalesce(lag(g.committed_at) OVER (ORDER BY g.committed_at), "
+        "s.started_at), g.committed_at) / 1000.0 FROM graph_steps g JOIN sessions s USING (session_id) "
+        "WHERE g.session_id = ? ORDER BY g.committed_at", [session_id],
+    )[1]:
+        if step not in steps:
+            steps.append(step)
+        row = rows.setdefault(int(generation), {"generation": int(generation), "total": 0.0})
+        row[step] = float(seconds)
+        row["total"] += float(seconds)
+    return steps, [rows[g] for g in sorted(rows)]
+
+
 def dev_scores_by_iteration(archive: ArchiveReader, session_id: str) -> dict[int, list[float]]:
     """Dev scores of the executable programs (sandbox verdict ok), per iteration."""
     out: dict[int, list[float]] = {}

@@ -235,6 +235,16 @@ class Archive(ArchiveReader):
         self._insert("prompts", [{"prompt_hash": digest, "role": role, "name": name, "text": text}])
         return digest
 
+    def add_prompt_uses(self, session_id: str, generation: int, prompts: list[tuple[str, str, str, str]]) -> None:
+        """Record that iteration / generation `generation` used these templates: (role, name,
+        text, hash) each; the texts are stored too (`add_prompt`). A replay adds nothing."""
+        for role, name, text, _ in prompts:
+            self.add_prompt(role, name, text)
+        self._insert("prompt_uses", [
+            {"session_id": session_id, "generation": generation, "name": name, "prompt_hash": digest}
+            for _, name, _, digest in prompts
+        ])
+
     def add_generator_version(
         self,
         session_id: str,

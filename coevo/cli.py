@@ -20,7 +20,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from agents.tasks import TaskFileError
     from archive_store import ArchiveError
     from coevo.config import ConfigError
-    from coevo.session import SessionError
+    from coevo.workdir import SessionError
     from merging.check import IncompatibleModels
     from merging.io import ModelDirError
     from sandbox.jobs import SandboxUnavailable

@@ -10,15 +10,12 @@ session's one prompts dir, archives the templates they read, runs the mode's gra
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import secrets
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any, cast
 
 from agents import population, selfdev
 from agents.backends import LLMBackend, VersionedBackend, make_generator_backend, make_llm
@@ -33,52 +30,12 @@ from agents.tasks import families_from_tasks, load_tasks
 from archive_store import Archive, queries
 from coevo.config import Config, ConfigError, parse_config
 from coevo.report import format_report
+from coevo.workdir import SessionError, workdir_lock, write_holder
 from coevo.zoo.build import default_zoo_dir, ensure_zoo
 from coevo.zoo.task_families import ProceduralTaskWriter
 from merging.check import check_compatible
 from sandbox.jobs import Runner
 from sandbox.runners import runner_from_config
-
-LOCK_FILE = "session.lock"
-
-
-class SessionError(ValueError):
-    """A session cannot start or resume (nothing to resume, a busy workdir, bad model dirs…)."""
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: Path) -> Iterator[IO[str]]:
-    """Hold the workdir's lock while a session runs: a second launch fails at once, naming the
-    running session and its pid (`write_holder` on the yielded file records them). The lock is
-    the kernel's (flock): it dies with its process, so a killed session never leaves a stale one."""
-    path = workdir / LOCK_FILE
-    handle = open(path, "a+")  # noqa: SIM115 - held until the session ends
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            try:
-                holder = json.loads(handle.read() or "{}")
-            except ValueError:
-                holder = {}
-            raise SessionError(
-                f"workdir {workdir} is in use by session {holder.get('session_id') or '(starting)'} "
-                f"(pid {holder.get('pid', '?')}): wait for it to finish or stop it, then "
-                "`coevo launch --resume`"
-            ) from None
-        write_holder(handle, None)
-        yield handle
-    finally:
-        handle.close()
-
-
-def write_holder(handle: IO[str], session_id: str | None) -> None:
-    """Record this process and its session in the held lock file, for a second launch to name."""
-    handle.seek(0)
-    handle.truncate()
-    handle.write(json.dumps({"pid": os.getpid(), "session_id": session_id}))
-    handle.flush()
 
 
 def run_session(
@@ -291,14 +248,12 @@ def _population(
         llm_judge=LLMJudge(_need(judge_llm), prompts_dir=prompts_dir) if config.judge.scoring == "llm" else None,
         gibberish=make_gibberish_filter(config.population.gibberish, judge_llm, prompts_dir=prompts_dir),
         best_of_n=BestOfNPicker(_need(judge_llm), prompts_dir=prompts_dir) if config.judge.best_of_n == "llm" else None,
-        algorithms=_generated_algorithms(config, archive),
+        algorithms=_generated_algorithms(config, archive), prompt_dirs=prompts_dir,
     )
-    used: list[tuple[str, Prompt]] = [("task_writer", p) for p in getattr(writer, "prompts", {}).values()]
-    if getattr(novelty, "prompt", None) is not None:
-        used.append(("task_writer", novelty.prompt))  # type: ignore[attr-defined]
-    for role in (ctx.llm_judge, ctx.gibberish, ctx.best_of_n):
-        if getattr(role, "prompt", None) is not None:
-            used.append(("judge", role.prompt))  # type: ignore[union-attr]
+    used = ctx.role_prompts()
+    for _, prompt in used:
+        if prompt.path.parent == prompts_dir[0]:
+            say(f"[session] {prompt.name} template {prompt.hash} (edited: {prompt.path})")
     if not resume:
         p = config.population
         say(f"[session] {sid}: {config.mode}, {p.generations} generations x {p.children} children, "

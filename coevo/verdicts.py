@@ -12,7 +12,7 @@ from typing import Any
 
 from archive_store import Archive, queries
 from archive_store.reviews import record_reviews, submit_review
-from coevo.session import SessionError, workdir_lock
+from coevo.workdir import SessionError, workdir_lock
 
 
 def give_verdict(archive_path: Path, algorithm_id: str, verdict: str, note: str = "") -> tuple[dict[str, Any], bool]:

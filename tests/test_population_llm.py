@@ -155,3 +155,47 @@ def test_every_llm_role_uses_the_session_prompts_dir(tmp_path: Path, zoo_dir: Pa
         assert not set(default.values()) & {r[0] for r in archive.query("select prompt_hash from prompts")[1]}
         family_hashes = {r[0] for r in archive.query("select prompt_hash from task_families")[1]}
         assert family_hashes <= {custom["task_writer"], custom["task_writer_harder"], custom["task_writer_novel"]}
+
+
+def test_a_judge_template_edited_mid_session_is_used_from_the_next_generation(tmp_path: Path, zoo_dir: Path) -> None:
+    """The judge's template is edited while the session runs (saved into the workdir's prompts
+    dir, as `coevo serve` does) during generation 0: generation 0 was judged with the shipped
+    template, generations 1 and 2 with the edit, and `prompt_uses` says so."""
+    from agents.prompts import DEFAULT_PROMPTS_DIR, load_prompt, save_template
+
+    workdir = tmp_path / "w"
+    shipped = (DEFAULT_PROMPTS_DIR / "judge.md").read_text()
+    edited = shipped.replace("Reasoning:", "Be strict about whitespace. EDITED\n\nReasoning:")
+    script, requests = Scripted(), []
+    reply = script.reply
+
+    def reply_and_edit(prompt: str) -> str:
+        if "BEST:" in prompt and not (workdir / "prompts" / "judge.md").exists():
+            save_template("judge", edited, workdir / "prompts")  # generation 0's measure step
+        return reply(prompt)
+
+    with completions_server(reply_and_edit, requests=requests) as url:
+        config = tmp_path / "c.toml"
+        config.write_text(
+            f'mode = "acdc"\nseed = 3\n[zoo]\ndir = "{zoo_dir}"\n'
+            "[population]\ngenerations = 2\nchildren = 2\nsize = 4\n"
+            '[tasks]\nwriter = "llm"\nadapt_every = 1\nnew_per_round = 1\ninstances = 4\n'
+            f'[tasks.llm]\nmodel = "scripted"\nbase_url = "{url}"\n'
+            '[judge]\nscoring = "llm"\nbest_of_n = "llm"\n'
+            f'[judge.llm]\nmodel = "scripted"\nbase_url = "{url}"\n'
+            '[sandbox]\nrunner = "process"\n'
+        )
+        done = subprocess.run([sys.executable, "-m", "coevo", "launch", str(config), "--workdir", str(workdir)],
+                              capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    old, new = load_prompt("judge").hash, load_prompt("judge", [workdir / "prompts"]).hash
+    assert f"[prompts] judge template {old} -> {new}" in done.stdout + done.stderr
+    sent = [p for r in requests for p in (r["prompt"] if isinstance(r["prompt"], list) else [r["prompt"]])]
+    graded = [p for p in sent if p.startswith("You are grading one answer")]
+    first_edited = next(i for i, p in enumerate(graded) if "EDITED" in p)
+    assert first_edited > 0 and all("EDITED" in p for p in graded[first_edited:])  # never back to the old one
+    with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
+        uses = dict(archive.query("select generation, prompt_hash from prompt_uses where name = 'judge'")[1])
+        assert uses == {0: old, 1: new, 2: new}
+        versions = dict(archive.query("select prompt_hash, n_steps from prompt_versions where name = 'judge'")[1])
+        assert versions == {old: 1, new: 2}

@@ -115,6 +115,7 @@ def test_session_page_draws_the_papers_plots(client: TestClient) -> None:
     assert {"dev-score distribution per iteration", "program outcomes and executable rate per iteration",
             "leaderboard against the baselines"} <= labels
     assert 'hx-trigger="every' in page.text  # a running session's page refreshes itself
+    assert 'id="timings"' not in page.text  # the hand-made archive has no graph steps
     assert client.get("/session/nope").status_code == 404
 
 
@@ -214,3 +215,26 @@ def test_serve_refuses_a_taken_port_and_a_missing_workdir_in_one_line(workdir: P
     done = subprocess.run([sys.executable, "-m", "coevo", "serve", "--workdir", str(tmp_path / "nope"),
                            "--port", str(_free_port())], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no workdir" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_report_command_writes_html_and_names_a_missing_session(workdir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r" / "report.html"
+    done = subprocess.run([sys.executable, "-m", "coevo", "report", "--workdir", str(workdir), "--html", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and f"wrote the report of session {SESSION}" in done.stdout, done.stderr
+    assert out.read_text().startswith("<!doctype html>")
+    done = subprocess.run([sys.executable, "-m", "coevo", "report", "--workdir", str(workdir), "--session", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == f"error: no session 'nope' in {workdir / 'archive.duckdb'}"
+
+
+def test_a_verdict_given_while_a_session_runs_waits_in_the_inbox(client: TestClient, workdir: Path) -> None:
+    from archive_store.reviews import INBOX
+    from coevo.workdir import workdir_lock
+
+    with workdir_lock(workdir):  # as a running session holds it
+        done = client.post("/review", data={"algorithm_id": "a1", "verdict": "approve", "csrf": csrf_value(TOKEN)})
+    assert done.status_code == 200 and "approve queued: the running session records it" in done.text
+    assert len(list((workdir / INBOX).glob("*.json"))) == 1
+    with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
+        assert archive.scalar("select count(*) from reviews") == 0

@@ -190,12 +190,17 @@ def test_review_in_a_real_browser(tmp_path: Path, zoo_dir: Path, browser: object
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text == "finished")
         assert len(driver.find_elements(By.CSS_SELECTOR, "#iterations tr")) == 3  # no reload: htmx polled
         assert driver.find_elements(By.CSS_SELECTOR, "#dpo tr")
+        timings = driver.find_element(By.ID, "timings").text
+        assert "execute" in timings and "judge" in timings and "improve" in timings
         driver.save_screenshot(str(shots / "session-finished.png"))
 
         # The edit is in the template's history, with what each version produced.
         driver.get(f"{base}/prompts/generator")
         history = driver.find_element(By.ID, "history").text
         assert old_template in history and new_template in history
+        driver.find_element(By.CSS_SELECTOR, f'#history a[href*="{new_template}"]').click()  # what it produced
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result tr"))
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#result tr")) == 1 + 12
         driver.get(f"{base}/prompts/generator/diff?a={old_template}&b={new_template}")
         assert "+Keep the program short: one idea, done well." in driver.find_element(By.ID, "diff").text
     finally:
@@ -211,4 +216,6 @@ def test_review_in_a_real_browser(tmp_path: Path, zoo_dir: Path, browser: object
         assert templates == {0: old_template, 1: new_template}
         assert archive.scalar("select count(distinct template_hash) from algorithms where iteration = 1") == 1
         versions = dict(archive.query("select prompt_hash, n_artifacts from prompt_versions where name = 'generator'")[1])
-        assert versions[old_template] > 0 and versions[new_template] > 0
+        assert versions == {old_template: 12, new_template: 12}  # each iteration's programs
+        uses = dict(archive.query("select generation, prompt_hash from prompt_uses where name = 'generator'")[1])
+        assert uses == {0: old_template, 1: new_template}

@@ -248,7 +248,10 @@ class ReviewApp:
         if not self.archive_path.is_file():
             return []
         with self.archive() as archive:
-            return pages.prompt_versions(archive, name)
+            rows = pages.prompt_versions(archive, name)
+        for row in rows:  # what this version produced, as a query in the console
+            row["artifacts_sql"] = artifacts_query(name, row["prompt_hash"])
+        return rows
 
     def prompt_diff(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -307,6 +310,18 @@ class ReviewApp:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"{name}.sql").write_text(sql, encoding="utf-8")
         return RedirectResponse(f"/sql?q={quote(sql)}", status_code=303)
+
+
+def artifacts_query(name: str, digest: str) -> str:
+    """SQL listing what template version `digest` of `name` produced (for the console)."""
+    if name == "generator":
+        return ("SELECT a.algorithm_id, a.iteration, s.outcome, s.dev_score, s.test_score\n"
+                "FROM algorithms a JOIN algorithm_scores s USING (algorithm_id)\n"
+                f"WHERE a.template_hash = '{digest}'\nORDER BY s.dev_score DESC NULLS LAST")
+    if name.startswith("task_writer"):
+        return ("SELECT family_id, name, action, generation, status\nFROM task_families\n"
+                f"WHERE prompt_hash = '{digest}'\nORDER BY generation, family_id")
+    return f"SELECT session_id, generation, created_at\nFROM prompt_uses\nWHERE prompt_hash = '{digest}'\nORDER BY session_id, generation"
 
 
 def _int(text: str | None, default: int) -> int:

@@ -32,7 +32,9 @@ def environment() -> Environment:
 def session_values(archive: ArchiveReader, session_id: str) -> dict[str, Any]:
     """Everything a session's page (and the HTML report) shows: its row, tables and plots."""
     session = pages.session_detail(archive, session_id)
-    values: dict[str, Any] = {"session": session, "config_json": json.dumps(session["config"], indent=2)}
+    steps, timings = pages.step_timings(archive, session_id)
+    values: dict[str, Any] = {"session": session, "config_json": json.dumps(session["config"], indent=2),
+                              "steps": steps, "timings": timings}
     if session["mode"] not in POPULATION_MODES:
         board = queries.session_leaderboard(archive, session_id)
         dpo = pages.dpo_history(archive, session_id)
@@ -62,7 +64,10 @@ def session_values(archive: ArchiveReader, session_id: str) -> dict[str, Any]:
                     for m, c in zip(last["team"], last["coverage_curve"], strict=False)]
         for grid, cells in grids.items():
             figures.append((f"MAP-Elites grid {grid} (generation {generation})", plots.elite_grid(grid, cells)))
-        values.update(metrics=metrics, team=team, members=pages.population_members(archive, session_id),
+        elites = [cell for cells in grids.values() for cell in cells]
+        names = queries.model_names(archive, [c["model_id"] for c in elites])
+        elites = [{**c, "name": names.get(c["model_id"], c["model_id"])} for c in elites]
+        values.update(metrics=metrics, team=team, members=pages.population_members(archive, session_id), elites=elites,
                       figures=[f for f in figures if f[1] is not None])
     values["figures"] = [(title, Markup(svg)) for title, svg in values["figures"]]
     return values
