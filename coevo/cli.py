@@ -221,19 +221,22 @@ def _give_verdict(args: argparse.Namespace) -> int:
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
-    from agents.prompts import DEFAULT_PROMPTS_DIR, list_prompts, load_prompt
+    from agents.prompts import DEFAULT_PROMPTS_DIR, WORKDIR_PROMPTS, list_prompts, load_prompt
 
     directory = Path(args.dir) if args.dir else DEFAULT_PROMPTS_DIR
+    edits = Path(args.workdir) / WORKDIR_PROMPTS  # what `coevo serve` saved: a session there reads these first
+    dirs = [edits, directory]
     if args.action == "path":
         print(directory)
     elif args.action == "show":
         if not args.name:
             raise SystemExit("error: coevo prompts show needs a NAME (see `coevo prompts list`)")
-        print(load_prompt(args.name, directory).text)
+        print(load_prompt(args.name, dirs).text)
     else:
-        for prompt in list_prompts(directory):
+        for prompt in list_prompts(dirs):
             placeholders = ", ".join(f"${p}" for p in sorted(prompt.placeholders))
-            print(f"{prompt.name:16} {prompt.hash}  {prompt.path}  [{placeholders}]")
+            edited = "  (edited in the workdir)" if prompt.path.parent == edits else ""
+            print(f"{prompt.name:16} {prompt.hash}  {prompt.path}  [{placeholders}]{edited}")
     return 0
 
 
@@ -388,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "show", "path"], default="list")
     p.add_argument("name", nargs="?")
     p.add_argument("--dir", help="prompts directory (default: the repository's prompts/)")
+    workdir(p)
     p.set_defaults(func=cmd_prompts)
     return parser
 

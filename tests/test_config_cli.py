@@ -132,6 +132,17 @@ def test_prompts_list_and_show() -> None:
     assert_one_line_error(coevo("prompts", "show", "nosuch"), "no prompt 'nosuch'")
 
 
+def test_prompts_list_shows_the_workdirs_edits(tmp_path: Path) -> None:
+    from agents.prompts import DEFAULT_PROMPTS_DIR, save_template
+
+    edited = (DEFAULT_PROMPTS_DIR / "judge.md").read_text() + "\nBe strict.\n"
+    saved = save_template("judge", edited, tmp_path / "w" / "prompts")
+    proc = coevo("prompts", "list", "--workdir", str(tmp_path / "w"))
+    judge = next(line for line in proc.stdout.splitlines() if line.startswith("judge "))
+    assert saved.hash in judge and judge.endswith("(edited in the workdir)")
+    assert "Be strict." in coevo("prompts", "show", "judge", "--workdir", str(tmp_path / "w")).stdout
+
+
 def test_prompt_rendering_and_extraction(tmp_path: Path) -> None:
     prompt = load_prompt("generator")
     text = prompt.render(n_experts=3, exemplars=format_exemplars([("def merge(): pass", 41.5)]))

@@ -36,6 +36,7 @@ OUTCOME_COLOURS = {
     "ok": "#2e7d32", "rejected_by_policy": "#8e24aa", "duplicate": "#9e9e9e", "timeout": "#ef6c00",
     "error": "#c62828", "invalid_output": "#ad1457", "memory": "#6d4c41", "not_run": "#cfd8dc",
 }
+MAX_DOTS = 300  # dots drawn per iteration in the dev-score figure
 VERDICT_COLOURS = {"approve": "#2e7d32", "reject": "#c62828", "quarantine": "#424242"}
 
 
@@ -74,6 +75,8 @@ def dev_score_distribution(scores: Mapping[int, Sequence[float]]) -> str | None:
                    medianprops={"color": "#1565c0"})
         rng = np.random.default_rng(0)
         for i, values in zip(iterations, data, strict=True):
+            if len(values) > MAX_DOTS:  # the box covers all of them; the dots are a sample (the SVG stays small)
+                values = rng.choice(values, MAX_DOTS, replace=False)
             ax.scatter(i + rng.uniform(-0.18, 0.18, len(values)), values, s=8, alpha=0.5, color="#37474f")
         ax.set_xlabel("iteration")
         ax.set_ylabel("dev score of executable programs (%)")
