@@ -238,3 +238,14 @@ def test_a_verdict_given_while_a_session_runs_waits_in_the_inbox(client: TestCli
     assert len(list((workdir / INBOX).glob("*.json"))) == 1
     with Archive.open(workdir / "archive.duckdb", read_only=True) as archive:
         assert archive.scalar("select count(*) from reviews") == 0
+
+
+def test_program_listing_filters_and_a_model_shows_its_lineage(client: TestClient) -> None:
+    listing = client.get(f"/session/{SESSION}/algorithms?outcome=ok").text
+    shown = set(re.findall(r'href="/algorithm/([^"]+)"', listing))
+    assert shown and "a2" not in shown and "a4" not in shown  # rejected by policy, timed out
+    assert "rejected_by_policy" in client.get(f"/session/{SESSION}/algorithms").text
+    lineage = client.get("/model/m-b1")
+    assert lineage.status_code == 200 and 'id="lineage"' in lineage.text
+    assert 'href="/model/e0"' in lineage.text and 'href="/model/e1"' in lineage.text  # its parents
+    assert client.get("/model/nope").status_code == 404

@@ -35,6 +35,7 @@ from agents.prompts import (
     WORKDIR_PROMPTS,
     PromptError,
     list_prompts,
+    load_prompt,
     save_template,
     template_path,
 )
@@ -154,7 +155,7 @@ class ReviewApp:
         with self.archive() as archive:
             session = pages.session_detail(archive, sid)
             rows = pages.algorithms_page(archive, sid, outcome=outcome, limit=PAGE + 1, offset=page * PAGE)
-            kinds = sorted(pages.outcomes_by_iteration(archive, sid).get(0, {}))
+            kinds = sorted({kind for row in pages.outcomes_by_iteration(archive, sid).values() for kind in row})
         return self.render("algorithms.html", session=session, rows=rows[:PAGE], more=len(rows) > PAGE,
                            page=page, outcome=outcome or "", outcomes=kinds)
 
@@ -260,8 +261,6 @@ class ReviewApp:
         with self.archive() as archive:
             for digest in (a, b):
                 if digest == "current":
-                    from agents.prompts import load_prompt
-
                     texts[digest] = load_prompt(name, self._prompt_dirs()).text
                 else:
                     text = pages.prompt_text(archive, digest)
