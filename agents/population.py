@@ -121,8 +121,7 @@ class PopulationContext(LoopContext):
 
     def role_prompts(self) -> list[tuple[str, Prompt]]:
         """(role, template) of every template this session's roles use now."""
-        return [(role, holder[key] if isinstance(holder, dict) else getattr(holder, key))
-                for role, holder, key in self._prompt_holders()]
+        return [(role, _held(holder, key)) for role, holder, key in self._prompt_holders()]
 
     def reload_prompts(self) -> None:
         """Read every role's template again: an edit is used from this generation on (an
@@ -130,7 +129,7 @@ class PopulationContext(LoopContext):
         if self.prompt_dirs is None:
             return
         for _, holder, key in self._prompt_holders():
-            old = holder[key] if isinstance(holder, dict) else getattr(holder, key)
+            old = _held(holder, key)
             new, warning = reload_prompt(old, self.prompt_dirs)
             if warning:
                 say(f"  [prompts] {warning}")
@@ -172,6 +171,11 @@ Ctx = Runtime[PopulationContext]
 
 
 # ----------------------------------------------------------------------------- nodes
+
+
+def _held(holder: Any, key: str) -> Prompt:
+    """The template a role holds: `holder[key]` (the task writer's dict) or `holder.key`."""
+    return holder[key] if isinstance(holder, dict) else getattr(holder, key)
 
 
 def seed(state: PopulationState, runtime: Ctx) -> PopulationState:

@@ -6,8 +6,9 @@ session reads every role's template from one dir (`prompts_dir` in its config, e
 templates shipped with coevo) and archives exactly the texts it read.
 
 A workdir may hold its own `prompts/` dir (written by `coevo serve`'s prompt editor): a template
-there overrides the session's one of the same name, and the generator's template is read again
-before every iteration, so an edit is used from the next iteration on. Edits are validated
+there overrides the session's one of the same name, and a session reads its templates again
+before every iteration (the generator's) or generation (the population modes' roles), so an
+edit is used from the next one on (`reload_prompt`). Edits are validated
 (`check_template`) before they are saved (`save_template`); the installed templates are never
 written.
 """

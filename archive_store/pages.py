@@ -18,24 +18,26 @@ from archive_store.reader import ArchiveReader
 RELATIVE_CANDIDATES = 400
 
 
-def sessions(archive: ArchiveReader) -> list[dict[str, Any]]:
-    """Every session, newest first, with its runner(s) and counts of programs and models."""
+def sessions(archive: ArchiveReader, session_id: str | None = None) -> list[dict[str, Any]]:
+    """Every session (or just `session_id`), newest first, with its runner(s) and counts of
+    programs and models."""
+    where, params = ("WHERE s.session_id = ?", [session_id]) if session_id is not None else ("", [])
     return archive.records(
-        """
+        f"""
         SELECT s.session_id, s.mode, s.seed, s.status, s.started_at, s.finished_at,
                date_diff('second', s.started_at, coalesce(s.finished_at, now() AT TIME ZONE 'UTC')) AS elapsed_s,
                (SELECT count(*) FROM algorithms a WHERE a.session_id = s.session_id) AS n_algorithms,
                (SELECT count(*) FROM models m WHERE m.session_id = s.session_id) AS n_models,
                (SELECT string_agg(DISTINCT r.runner, ', ') FROM sandbox_runs r
                   JOIN algorithms a ON a.algorithm_id = r.algorithm_id WHERE a.session_id = s.session_id) AS runner
-        FROM sessions s ORDER BY s.started_at DESC, s.session_id
-        """
+        FROM sessions s {where} ORDER BY s.started_at DESC, s.session_id
+        """, params,
     )
 
 
 def session_detail(archive: ArchiveReader, session_id: str) -> dict[str, Any]:
     """One session's row, its config parsed; ArchiveError when there is none."""
-    rows = [s for s in sessions(archive) if s["session_id"] == session_id]
+    rows = sessions(archive, session_id)
     if not rows:
         raise ArchiveError(f"no session {session_id!r} in the archive")
     row = rows[0]

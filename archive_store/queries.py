@@ -96,21 +96,6 @@ def top_dev_scores(archive: ArchiveReader, session_id: str, iteration: int, k: i
     )[1]]
 
 
-def review_listing(
-    archive: ArchiveReader, session_id: str, *, outcome: str | None = None, limit: int = 30
-) -> list[tuple[Any, ...]]:
-    """(algorithm, iteration, generator version, outcome, dev, test) of a session, best first."""
-    where, params = "WHERE session_id = ?", [session_id]
-    if outcome:
-        where += " AND outcome = ?"
-        params.append(outcome)
-    return archive.query(
-        f"SELECT algorithm_id, iteration, generator_version, outcome, dev_score, test_score "
-        f"FROM algorithm_scores {where} ORDER BY dev_score DESC NULLS LAST, algorithm_id LIMIT ?",
-        [*params, limit],
-    )[1]
-
-
 def resolve_algorithm_id(archive: ArchiveReader, text: str) -> str:
     """The one algorithm id `text` names (the id, or the unique end of one); ArchiveError otherwise."""
     ids = [r[0] for r in archive.query(

@@ -162,7 +162,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
 
 def cmd_review(args: argparse.Namespace) -> int:
     from agents.console import percent
-    from archive_store import Archive, ArchiveError, queries
+    from archive_store import Archive, ArchiveError, pages, queries
 
     if args.action in VERDICT_ACTIONS:
         return _give_verdict(args)
@@ -192,11 +192,12 @@ def cmd_review(args: argparse.Namespace) -> int:
             return 0
         if session is None:
             raise ArchiveError("the archive holds no session yet")
-        listing = queries.review_listing(archive, session, outcome=args.outcome, limit=args.limit)
+        listing = pages.algorithms_page(archive, session, outcome=args.outcome, limit=args.limit)
         print(f"session {session}: {len(listing)} algorithms (best first; `coevo review show ID` for one)")
-        print(f"  {'algorithm':38} {'iter':>4} {'gen':>3} {'outcome':20} {'dev':>6} {'test':>6}")
-        for algorithm_id, iteration, version, outcome, dev, test in listing:
-            print(f"  {algorithm_id:38} {iteration:>4} {version:>3} {outcome or '-':20} {percent(dev):>6} {percent(test):>6}")
+        print(f"  {'algorithm':38} {'iter':>4} {'gen':>3} {'outcome':20} {'dev':>6} {'test':>6}  verdict")
+        for a in listing:
+            print(f"  {a['algorithm_id']:38} {a['iteration']:>4} {a['generator_version']:>3} {a['outcome'] or '-':20} "
+                  f"{percent(a['dev_score']):>6} {percent(a['test_score']):>6}  {a['review'] or ''}".rstrip())
     return 0
 
 
