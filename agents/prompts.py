@@ -15,7 +15,6 @@ written.
 
 from __future__ import annotations
 
-import os
 import re
 import string
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archive_store import prompt_hash
+from archive_store.shell import write_atomic
 
 
 def _default_prompts_dir() -> Path:
@@ -166,11 +166,8 @@ def check_template(name: str, raw: str) -> str:
 
 
 def save_template(name: str, raw: str, workdir_prompts: Path) -> Prompt:
-    """Validate `raw` and write it (whole, then renamed into place) as `workdir_prompts/name.md`."""
+    """Validate `raw` and write it (whole, then renamed into place) as `workdir_prompts/name.md`;
+    PromptError when it is not a valid template, ArchiveError when it cannot be written."""
     check_template(name, raw)
-    workdir_prompts.mkdir(parents=True, exist_ok=True)
-    target = workdir_prompts / f"{name}.md"
-    partial = workdir_prompts / f".{name}.md.partial"
-    partial.write_text(raw if raw.endswith("\n") else raw + "\n", encoding="utf-8")
-    os.replace(partial, target)
+    write_atomic(workdir_prompts / f"{name}.md", raw if raw.endswith("\n") else raw + "\n")
     return load_prompt(name, [workdir_prompts])

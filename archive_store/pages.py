@@ -163,8 +163,7 @@ def closest_relative(archive: ArchiveReader, row: dict[str, Any]) -> tuple[dict[
     lines = row["code"].splitlines()
 
     def similarity(candidate: dict[str, Any]) -> float:
-        matcher = difflib.SequenceMatcher(None, candidate["code"].splitlines(), lines, autojunk=False)
-        return matcher.real_quick_ratio() and matcher.quick_ratio() and matcher.ratio()
+        return difflib.SequenceMatcher(None, candidate["code"].splitlines(), lines, autojunk=False).ratio()
 
     best = max(candidates, key=similarity)
     return best, why

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from archive_store.db import ArchiveError
+from archive_store.pages import algorithm as algorithm_detail
 from archive_store.reader import NOT_QUARANTINED, ArchiveReader
 
 # ----------------------------------------------------------------------------- sessions
@@ -119,16 +120,15 @@ def review_history(archive: ArchiveReader, algorithm_id: str) -> list[dict[str, 
 
 
 def review_algorithm(archive: ArchiveReader, algorithm_id: str) -> dict[str, Any]:
-    """One algorithm with its scores, code, policy and sandbox verdicts; `algorithm_id` may be
+    """One algorithm with everything known about it (`pages.algorithm`); `algorithm_id` may be
     the end of an id. ArchiveError when there is none."""
-    rows = archive.records(
-        "SELECT s.*, a.code, a.policy_reason, r.reason, r.stderr FROM algorithm_scores s "
-        "JOIN algorithms a USING (algorithm_id) LEFT JOIN sandbox_runs r USING (run_id) "
-        "WHERE s.algorithm_id = ? OR s.algorithm_id LIKE '%' || ?", [algorithm_id, algorithm_id],
+    found = archive.scalar(
+        "SELECT algorithm_id FROM algorithms WHERE algorithm_id = ? OR algorithm_id LIKE '%' || ? "
+        "ORDER BY algorithm_id = ? DESC LIMIT 1", [algorithm_id, algorithm_id, algorithm_id],
     )
-    if not rows:
+    if found is None:
         raise ArchiveError(f"no algorithm {algorithm_id!r} in the archive")
-    return rows[0]
+    return algorithm_detail(archive, str(found))
 
 
 def session_leaderboard(archive: ArchiveReader, session_id: str) -> list[tuple[Any, ...]]:

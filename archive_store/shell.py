@@ -4,6 +4,7 @@ connection behind `coevo serve`'s SQL console (`console_query`)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -67,7 +68,7 @@ def run_sql(
     text = {"table": _table, "csv": _csv, "json": _json, "markdown": _markdown}[fmt](columns, rows)
     if out is None:
         return text
-    _write_atomic(Path(out), text if text.endswith("\n") else text + "\n")
+    write_atomic(Path(out), text if text.endswith("\n") else text + "\n")
     return f"wrote {len(rows)} row{'s' if len(rows) != 1 else ''} to {out}"
 
 
@@ -87,14 +88,17 @@ def _to_parquet(archive: Archive, sql: str, out: Path) -> str:
     return f"wrote {rows} row{'s' if rows != 1 else ''} to {out}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` whole, then rename it into place; ArchiveError on one line if
+    the file cannot be written."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the parent is a file: there is no tmp to remove
+            tmp.unlink(missing_ok=True)
         raise ArchiveError(f"cannot write {path}: {err}") from None
 
 

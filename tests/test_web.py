@@ -226,6 +226,10 @@ def test_report_command_writes_html_and_names_a_missing_session(workdir: Path, t
     done = subprocess.run([sys.executable, "-m", "coevo", "report", "--workdir", str(workdir), "--session", "nope"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == f"error: no session 'nope' in {workdir / 'archive.duckdb'}"
+    (tmp_path / "a-file").write_text("")
+    done = subprocess.run([sys.executable, "-m", "coevo", "report", "--workdir", str(workdir), "--html",
+                           str(tmp_path / "a-file" / "report.html")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: cannot write") and "Traceback" not in done.stderr
 
 
 def test_a_verdict_given_while_a_session_runs_waits_in_the_inbox(client: TestClient, workdir: Path) -> None:

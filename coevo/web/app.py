@@ -11,7 +11,6 @@ model's lineage, the prompt templates (edit, history, diff) and a read-only SQL 
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pygments.lexers import DiffLexer, PythonLexer
+from pygments.lexers import PythonLexer
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -44,7 +43,7 @@ from archive_store.reviews import VERDICTS
 from archive_store.shell import console_query, csv_text
 from coevo.verdicts import give_verdict
 from coevo.web.auth import TokenGate, check_csrf, csrf_value
-from coevo.web.render import environment, highlighted, session_values
+from coevo.web.render import diff_html, environment, highlighted, session_values
 
 STATIC = Path(__file__).parent / "static"
 SQL_ROWS = 1000
@@ -173,9 +172,8 @@ class ReviewApp:
         diff = None
         if relative is not None:
             other, why = relative
-            lines = difflib.unified_diff(other["code"].splitlines(), row["code"].splitlines(),
-                                         other["algorithm_id"], algorithm_id, lineterm="")
-            diff = {"id": other["algorithm_id"], "why": why, "html": highlighted("\n".join(lines), DiffLexer())}
+            diff = {"id": other["algorithm_id"], "why": why,
+                    "html": diff_html(other["code"], row["code"], other["algorithm_id"], algorithm_id)}
         by_split: dict[str, list[dict[str, Any]]] = {}
         for result in results:
             by_split.setdefault(result["split"], []).append(result)
@@ -267,8 +265,7 @@ class ReviewApp:
                     if text is None:
                         raise ArchiveError(f"no prompt version {digest!r} in the archive")
                     texts[digest] = text
-        lines = difflib.unified_diff(texts[a].splitlines(), texts[b].splitlines(), a, b, lineterm="")
-        return self.render("prompt_diff.html", name=name, a=a, b=b, diff=highlighted("\n".join(lines) or "(identical)", DiffLexer()))
+        return self.render("prompt_diff.html", name=name, a=a, b=b, diff=diff_html(texts[a], texts[b], a, b))
 
     # ----------------------------------------------------------------- SQL
 

@@ -3,6 +3,7 @@ session's values (rows, tables and plots), highlighted code."""
 
 from __future__ import annotations
 
+import difflib
 import json
 from typing import Any
 from urllib.parse import quote
@@ -11,6 +12,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
+from pygments.lexers import DiffLexer
 
 from archive_store import pages, queries
 from archive_store.reader import ArchiveReader
@@ -71,6 +73,12 @@ def session_values(archive: ArchiveReader, session_id: str) -> dict[str, Any]:
                       figures=[f for f in figures if f[1] is not None])
     values["figures"] = [(title, Markup(svg)) for title, svg in values["figures"]]
     return values
+
+
+def diff_html(old: str, new: str, old_label: str, new_label: str) -> Markup:
+    """A unified diff of two texts, highlighted ("(identical)" when they are)."""
+    lines = difflib.unified_diff(old.splitlines(), new.splitlines(), old_label, new_label, lineterm="")
+    return highlighted("\n".join(lines) or "(identical)", DiffLexer())
 
 
 def highlighted(code: str, lexer: Any) -> Markup:

@@ -4,11 +4,13 @@ code of its best algorithms, to attach to a paper or a chat."""
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from archive_store import Archive, pages
+from pygments.lexers import PythonLexer
+
+from archive_store import Archive, ArchiveError, pages
+from archive_store.shell import write_atomic
 from coevo.web.render import environment, highlighted, session_values
 
 CSS = Path(__file__).parent / "static" / "style.css"
@@ -17,14 +19,10 @@ BEST_CODE = 3
 
 def html_report(archive_path: Path, session_id: str | None = None) -> tuple[str, str]:
     """(session id, the report's HTML) for `session_id` (default: the latest session)."""
-    from pygments.lexers import PythonLexer
-
     with Archive.open(archive_path, read_only=True) as archive:
         if session_id is None:
             latest = archive.latest_session()
             if latest is None:
-                from archive_store import ArchiveError
-
                 raise ArchiveError(f"{archive_path} holds no session yet")
             session_id = str(latest["session_id"])
         values = session_values(archive, session_id)
@@ -44,9 +42,5 @@ def html_report(archive_path: Path, session_id: str | None = None) -> tuple[str,
 def write_html_report(archive_path: Path, out: Path, session_id: str | None = None) -> str:
     """Write the report to `out` (whole, then renamed into place); returns the session id."""
     session_id, html = html_report(archive_path, session_id)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    partial.write_text(html, encoding="utf-8")
-    os.replace(partial, out)
+    write_atomic(Path(out), html)
     return session_id
