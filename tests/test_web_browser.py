@@ -75,6 +75,7 @@ def status_of(url: str, headers: dict[str, str] | None = None) -> int:
 
 
 def test_review_in_a_real_browser(tmp_path: Path, zoo_dir: Path, browser: object) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.remote.webdriver import WebDriver
     from selenium.webdriver.support.ui import WebDriverWait
@@ -187,7 +188,9 @@ def test_review_in_a_real_browser(tmp_path: Path, zoo_dir: Path, browser: object
         output, _ = resumed.communicate(timeout=1200)
         assert resumed.returncode == 0, output
         assert "from reviewers (x2)" in output and f"generator template {new_template} (edited: {workdir / 'prompts'}" in output
-        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text == "finished")
+        # htmx swaps the page body while we read it: a stale element means "read it again"
+        WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException]).until(
+            lambda d: d.find_element(By.ID, "status").text == "finished")
         assert len(driver.find_elements(By.CSS_SELECTOR, "#iterations tr")) == 3  # no reload: htmx polled
         assert driver.find_elements(By.CSS_SELECTOR, "#dpo tr")
         timings = driver.find_element(By.ID, "timings").text
