@@ -5,9 +5,11 @@ A merge program (generated, a built-in method, or a population child) defines
     def merge(task_vectors, *, name, base):
 
 `task_vectors[i]` is expert i's weights minus the base's for the parameter called `name`, and
-`base` the base's weights for it, all float32 tensors of one shape. It returns the merged task
-vector, a floating-point tensor of that shape; the engine (`merging.apply`) writes
-`base + merged` for every parameter into a standard Hugging Face model dir.
+`base` the base's weights for it, all float32 tensors of one shape, on the merge's device (the
+CPU, or a GPU when the sandbox has one). It returns the merged task vector, a floating-point
+tensor of that shape; the engine (`merging.apply`) writes `base + merged` for every parameter
+into a standard Hugging Face model dir. The inputs are read-only: writing into them is an
+invalid output.
 
 The static policy (`sandbox.policy`), the harness, the built-in methods, the generator's
 corpus and the population operators all take the names below from here.

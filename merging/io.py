@@ -1,29 +1,39 @@
-"""Safetensors I/O one tensor at a time: memory-mapped reading and streaming, atomic writing."""
+"""Reading safetensors model dirs one tensor at a time, from memory-mapped files.
+
+`open_weights(dir)` parses the headers only (a single `model.safetensors` or shards with an
+index). `view(name)` is a zero-copy tensor over the mapped file: reading it costs page faults
+on the page cache, not a copy. `prefetch(name)` asks the kernel to read a tensor ahead
+(`MADV_WILLNEED`) while something else computes, and `release(name)` drops its pages from this
+process (`MADV_DONTNEED`; the page cache keeps them), so a pass over a model holds about one
+tensor's pages at a time instead of the whole model's.
+
+The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header
+length N, N bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, ...}` and
+the data, offsets relative to byte 8 + N. Writing is `merging.writer`.
+"""
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable
+import struct
+import warnings
+from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# A header larger than this is not a model's (safetensors itself refuses over 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+PAGE = mmap.PAGESIZE
 
-# Files in a model dir that hold weights; everything else (config, tokenizer...) is copied
-# from the template when writing a new model.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
-
-_DTYPES: dict[str, torch.dtype] = {
+DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -40,30 +50,141 @@ _DTYPES: dict[str, torch.dtype] = {
     "U32": torch.uint32,
     "U64": torch.uint64,
 }
+DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 
 class ModelDirError(ValueError):
     """A model directory is missing or holds no readable safetensors weights."""
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's dtype and shape, as a header states them."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _Entry:
+    info: TensorInfo
+    file: _MappedFile
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+class _MappedFile:
+    """One safetensors file: its parsed header and a read-only shared mapping of it.
+
+    The mapping is shared and read-only (PROT_READ): it adds nothing to the private memory
+    that RLIMIT_DATA counts, and no write through it can reach the file.
+    """
+
+    def __init__(self, path: Path, where: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            self.entries = self._parse(where)
+            size = os.fstat(self.fd).st_size
+            self.map = mmap.mmap(self.fd, size, access=mmap.ACCESS_READ) if size else None
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _parse(self, where: str) -> dict[str, tuple[TensorInfo, int, int]]:
+        label = f"{where}: {self.path.name}"
+        size = os.fstat(self.fd).st_size
+        head = os.pread(self.fd, 8, 0)
+        if len(head) < 8:
+            raise ModelDirError(f"{label} is not a safetensors file ({size} bytes)")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise ModelDirError(f"{label} is not a safetensors file (header length {length})")
+        try:
+            header = json.loads(os.pread(self.fd, length, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelDirError(f"{label}: header is not JSON ({err})") from err
+        if not isinstance(header, dict):
+            raise ModelDirError(f"{label}: header is not a JSON object")
+        data_start = 8 + length
+        entries: dict[str, tuple[TensorInfo, int, int]] = {}
+        for name, spec in header.items():
+            if name == "__metadata__":
+                continue
+            code = spec.get("dtype") if isinstance(spec, dict) else None
+            if code not in DTYPES:
+                raise ModelDirError(f"{label}: tensor {name} has dtype {code}")
+            try:
+                info = TensorInfo(DTYPES[code], tuple(int(s) for s in spec["shape"]))
+                begin, end = (int(o) for o in spec["data_offsets"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise ModelDirError(f"{label}: tensor {name} has a bad shape or data_offsets ({err!r})") from err
+            if min(info.shape, default=0) < 0 or end - begin != info.nbytes or begin < 0:
+                raise ModelDirError(
+                    f"{label}: tensor {name} has data_offsets {[begin, end]} for "
+                    f"{info.nbytes} bytes of shape {list(info.shape)}"
+                )
+            if data_start + end > size:
+                raise ModelDirError(f"{label} is truncated: tensor {name} ends past the file")
+            entries[name] = (info, data_start + begin, data_start + end)
+        return entries
+
+    def view(self, start: int, end: int, info: TensorInfo) -> torch.Tensor:
+        if start == end or self.map is None:
+            return torch.empty(info.shape, dtype=info.dtype)
+        with warnings.catch_warnings():
+            # The mapping is read-only on purpose: the tensor is never written (see `view`).
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(self.map, dtype=torch.uint8, count=end - start, offset=start)
+        if start % info.dtype.itemsize:  # misaligned data (another writer): a private copy
+            raw = raw.clone()
+        return raw.view(info.dtype).view(info.shape)
+
+    def advise(self, start: int, end: int, advice: int) -> None:
+        # Whole pages inside the range only: neighbours' pages are left alone.
+        first = -(-start // PAGE) * PAGE
+        last = end // PAGE * PAGE
+        if self.map is not None and last > first:
+            self.map.madvise(advice, first, last - first)
+
+    def close(self) -> None:
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # views still alive: the mapping goes when they do
+                pass
+            self.map = None
+        os.close(self.fd)
+
+
 class ModelWeights:
     """Read-only, memory-mapped view of a model dir's safetensors weights.
 
-    Only headers are parsed on open; `get` reads one tensor's data. Use as a context manager
-    (or call `close`) to release the file handles.
+    Only headers are parsed on open. `get` returns a private copy of a tensor; `view` a
+    zero-copy tensor over the file. Use as a context manager (or call `close`).
     """
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = Path(model_dir)
         self._stack = ExitStack()
-        self._file_of: dict[str, str] = {}
-        self._handles: dict[str, Any] = {}
+        self._entries: dict[str, _Entry] = {}
         try:
             self._open()
         except BaseException:
             self._stack.close()
             raise
-        self._names = sorted(self._file_of)
+        self._names = sorted(self._entries)
 
     def _open(self) -> None:
         where = f"model dir '{self.model_dir}'"
@@ -71,31 +192,32 @@ class ModelWeights:
             raise ModelDirError(f"{where} does not exist")
         # Same preference as transformers: a single file wins over an index.
         if (self.model_dir / SINGLE_FILE).is_file():
-            handle = self._open_file(SINGLE_FILE)
-            self._file_of = {name: SINGLE_FILE for name in handle.keys()}
+            file = self._open_file(SINGLE_FILE, where)
+            self._entries = {name: _Entry(i, file, s, e) for name, (i, s, e) in file.entries.items()}
             return
         index_path = self.model_dir / INDEX_FILE
         if not index_path.is_file():
             raise ModelDirError(f"{where} has no {SINGLE_FILE} or {INDEX_FILE}")
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            weight_map = {str(name): str(shard) for name, shard in weight_map.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ModelDirError(f"{where}: {INDEX_FILE} has no valid weight_map ({err})") from err
         for file_name in sorted(set(weight_map.values())):
             if not (self.model_dir / file_name).is_file():
                 raise ModelDirError(f"{where}: {INDEX_FILE} lists missing shard '{file_name}'")
-            keys = set(self._open_file(file_name).keys())
-            listed = [n for n, f in weight_map.items() if f == file_name and n not in keys]
+            file = self._open_file(file_name, where)
+            listed = [n for n, f in weight_map.items() if f == file_name and n not in file.entries]
             if listed:
                 raise ModelDirError(f"{where}: shard '{file_name}' lacks tensor {listed[0]}")
-        self._file_of = dict(weight_map)
+            for name, (info, start, end) in file.entries.items():
+                if weight_map.get(name) == file_name:
+                    self._entries[name] = _Entry(info, file, start, end)
 
-    def _open_file(self, file_name: str) -> Any:
-        handle = self._stack.enter_context(
-            safe_open(str(self.model_dir / file_name), framework="pt")
-        )
-        self._handles[file_name] = handle
-        return handle
+    def _open_file(self, file_name: str, where: str) -> _MappedFile:
+        file = _MappedFile(self.model_dir / file_name, where)
+        self._stack.callback(file.close)
+        return file
 
     def names(self) -> list[str]:
         """Tensor names, sorted."""
@@ -106,33 +228,58 @@ class ModelWeights:
         return len(self._names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._file_of
+        return name in self._entries
 
-    def _slice(self, name: str) -> Any:
-        if name not in self._file_of:
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def _entry(self, name: str) -> _Entry:
+        if name not in self._entries:
             raise KeyError(f"model dir '{self.model_dir}' has no tensor {name}")
-        return self._handles[self._file_of[name]].get_slice(name)
+        return self._entries[name]
+
+    def info(self, name: str) -> TensorInfo:
+        """Dtype and shape of `name`, from the header (no data read)."""
+        return self._entry(name).info
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of `name`, from the header (no data read)."""
-        return tuple(self._slice(name).get_shape())
+        return self._entry(name).info.shape
 
     def dtype(self, name: str) -> torch.dtype:
         """Dtype of `name`, from the header (no data read)."""
-        code = self._slice(name).get_dtype()
-        if code not in _DTYPES:
-            raise ModelDirError(f"model dir '{self.model_dir}': tensor {name} has dtype {code}")
-        return _DTYPES[code]
+        return self._entry(name).info.dtype
+
+    def view(self, name: str) -> torch.Tensor:
+        """`name` as a zero-copy tensor over the mapped file, valid until `close`.
+
+        The memory is read-only: reading is free of copies, writing into it kills the process
+        (SIGSEGV). Hand it to nothing that may write; `get` gives a copy that is safe to.
+        """
+        entry = self._entry(name)
+        return entry.file.view(entry.start, entry.end, entry.info)
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor."""
-        if name not in self._file_of:
-            raise KeyError(f"model dir '{self.model_dir}' has no tensor {name}")
-        tensor: torch.Tensor = self._handles[self._file_of[name]].get_tensor(name)
-        return tensor
+        """A private copy of one tensor (writable, still valid after `close`)."""
+        return self.view(name).clone()
+
+    def file_range(self, name: str) -> tuple[int, int, int]:
+        """`(fd, offset, nbytes)` of `name`'s data, for copying it file to file."""
+        entry = self._entry(name)
+        return entry.file.fd, entry.start, entry.end - entry.start
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading `name`'s data now (it returns at once)."""
+        entry = self._entry(name)
+        entry.file.advise(entry.start, entry.end, mmap.MADV_WILLNEED)
+
+    def release(self, name: str) -> None:
+        """Drop `name`'s pages from this process's memory; the page cache keeps them, and a
+        later read maps them again."""
+        entry = self._entry(name)
+        entry.file.advise(entry.start, entry.end, mmap.MADV_DONTNEED)
 
     def close(self) -> None:
-        self._handles.clear()
         self._stack.close()
 
     def __enter__(self) -> ModelWeights:
@@ -150,127 +297,3 @@ class ModelWeights:
 def open_weights(model_dir: Path) -> ModelWeights:
     """Open a model dir (single `model.safetensors` or sharded with an index) for reading."""
     return ModelWeights(model_dir)
-
-
-def write_weights(
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    out_dir: Path,
-    *,
-    template_dir: Path,
-    max_shard_bytes: int = 2_000_000_000,
-) -> None:
-    """Stream `(name, tensor)` pairs into a Hugging Face model dir at `out_dir`.
-
-    A shard is written as soon as it is full, so peak memory is about one shard. The non-weight
-    files of `template_dir` (config, tokenizer...) are copied alongside. The dir is built in a
-    hidden temporary sibling and renamed into place, so readers never see a half-written model;
-    an existing `out_dir` is replaced only once the new one is complete.
-    """
-    out_dir = Path(out_dir)
-    template_dir = Path(template_dir)
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    if not template_dir.is_dir():
-        raise ModelDirError(f"model dir '{template_dir}' does not exist")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
-        _write_shards(tensors, tmp_dir, max_shard_bytes)
-        for path in sorted(template_dir.iterdir()):
-            if path.is_file() and not _is_weight_file(path.name):
-                shutil.copy2(path, tmp_dir / path.name)
-        share_readable(tmp_dir)
-        _replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-
-
-def share_readable(root: Path) -> None:
-    """Make a model dir readable by every user (`chmod -R a+rX`), as sandboxes need.
-
-    Temporary dirs and some writers (mkstemp) create owner-only files; a sandbox container
-    runs as another, unprivileged user and mounts model dirs read-only.
-    """
-    root = Path(root)
-    paths = [root, *root.rglob("*")]
-    for path in paths:
-        if path.is_symlink():
-            continue
-        mode = path.stat().st_mode
-        wanted = mode | 0o444 | (0o111 if path.is_dir() else 0)
-        if wanted != mode:
-            os.chmod(path, wanted)
-
-
-def _is_weight_file(file_name: str) -> bool:
-    return file_name.endswith(_WEIGHT_SUFFIXES) or file_name.endswith(".index.json")
-
-
-def _write_shards(
-    tensors: Iterable[tuple[str, torch.Tensor]], tmp_dir: Path, max_shard_bytes: int
-) -> None:
-    # The shard count is unknown until the stream ends, so shards get provisional names
-    # and are renamed to model-0000i-of-0000N.safetensors at the end.
-    shard_files: list[Path] = []
-    shard_names: list[list[str]] = []
-    seen: set[str] = set()
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = 0
-    total_bytes = 0
-
-    def flush() -> None:
-        path = tmp_dir / f"shard-{len(shard_files):05d}.partial"
-        save_file(shard, str(path), metadata={"format": "pt"})
-        shard_files.append(path)
-        shard_names.append(list(shard))
-        shard.clear()
-
-    for name, tensor in tensors:
-        if name in seen:
-            raise ValueError(f"tensor {name} was given twice")
-        seen.add(name)
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + nbytes > max_shard_bytes:
-            flush()
-            shard_bytes = 0
-        shard[name] = tensor.detach().to("cpu").contiguous()
-        shard_bytes += nbytes
-        total_bytes += nbytes
-    if not seen:
-        raise ValueError("no tensors to write")
-    flush()
-
-    if len(shard_files) == 1:
-        shard_files[0].rename(tmp_dir / SINGLE_FILE)
-        return
-    count = len(shard_files)
-    weight_map: dict[str, str] = {}
-    for i, (path, names) in enumerate(zip(shard_files, shard_names, strict=True), start=1):
-        final = f"model-{i:05d}-of-{count:05d}.safetensors"
-        path.rename(tmp_dir / final)
-        weight_map.update(dict.fromkeys(names, final))
-    index = {
-        "metadata": {"total_size": total_bytes},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    (tmp_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _replace_dir(new_dir: Path, out_dir: Path) -> None:
-    # rename() cannot replace a non-empty directory, so an existing out_dir is first moved
-    # aside, then the new one moved in, and only then the old one deleted. If the second
-    # rename fails the old dir is put back.
-    if not out_dir.exists():
-        os.replace(new_dir, out_dir)
-        return
-    if not out_dir.is_dir():
-        raise ValueError(f"output path '{out_dir}' exists and is not a directory")
-    old_dir = Path(tempfile.mkdtemp(prefix=f".old-{out_dir.name}-", dir=out_dir.parent))
-    os.replace(out_dir, old_dir)
-    try:
-        os.replace(new_dir, out_dir)
-    except BaseException:
-        os.replace(old_dir, out_dir)
-        raise
-    shutil.rmtree(old_dir, ignore_errors=True)

@@ -18,8 +18,9 @@ from coevo.zoo.tiny import CHARSET, char_tokenizer, save_tiny_llama
 from merging.apply import MergeOutputInvalid, merge_models
 from merging.check import IncompatibleModels, check_compatible
 from merging.contract import MergeFn
-from merging.io import ModelDirError, open_weights, write_weights
+from merging.io import ModelDirError, open_weights
 from merging.methods import METHODS, make_merge_fn
+from merging.writer import write_weights
 
 NUM_TENSORS = 21  # tiny Llama, 2 layers, untied embeddings
 FIRST = "lm_head.weight"  # first tensor name in sorted order

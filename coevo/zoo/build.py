@@ -40,7 +40,7 @@ from coevo.zoo.generator import build_generator
 from coevo.zoo.skills import DISCOVERY, SKILLS, TRANSFER, base_example, make_tasks
 from coevo.zoo.tiny import char_tokenizer, tiny_llama_config
 from coevo.zoo.train import encode_pairs, train_lm
-from merging.io import share_readable
+from merging.writer import share_readable
 
 ZOO_VERSION = 2
 # Sizes and schedules, found by measurement (BENCHMARKS.md, "Finding the regime where merging pays"):
