@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -405,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Before torch makes its first large tensor: huge pages, as in the sandbox (sandbox.jobs).
+    from sandbox.jobs import TORCH_ENV
+
+    for name, value in TORCH_ENV.items():
+        os.environ.setdefault(name, value)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from merging.contract import SIGNATURE
-from sandbox.jobs import CheckJob, MergeJob, Runner, SandboxLimits, SandboxUnavailable
+from sandbox.jobs import (
+    CheckJob,
+    MergeJob,
+    Runner,
+    SandboxLimits,
+    SandboxUnavailable,
+    available_cpus,
+)
 from sandbox.runners import make_runner
 
 EXIT_USAGE = 2
@@ -99,11 +106,25 @@ def _runner_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pool-size", type=int, default=1, help="warm containers (0: a cold `docker run`)"
     )
+    parser.add_argument(
+        "--cpus",
+        type=float,
+        default=None,
+        help=f"CPU quota and torch threads of the job (default: all cores, here {available_cpus()})",
+    )
+    parser.add_argument(
+        "--gpus", default=None, help="'all' or a count: GPUs the job may use (the merge runs on CUDA)"
+    )
+
+
+def _limits(args: argparse.Namespace) -> SandboxLimits:
+    cpus = float(available_cpus()) if args.cpus is None else args.cpus
+    return SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb, cpus=cpus)
 
 
 def _make(args: argparse.Namespace, limits: SandboxLimits) -> Runner | None:
     try:
-        return make_runner(args.runner, limits, pool_size=max(args.pool_size, 0))
+        return make_runner(args.runner, limits, pool_size=max(args.pool_size, 0), gpus=args.gpus)
     except SandboxUnavailable as err:
         print(f"coevo sandbox: error: {err}", file=sys.stderr)
         return None
@@ -115,7 +136,7 @@ def run_command(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"coevo sandbox run: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    limits = SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb)
+    limits = _limits(args)
     job = MergeJob(
         source=args.program.read_text(encoding="utf-8"),
         base_dir=args.base,
@@ -152,6 +173,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--timeout must be positive, got {args.timeout:g}"
     if args.memory_mb <= 0:
         return f"--memory-mb must be positive, got {args.memory_mb}"
+    if args.cpus is not None and not args.cpus > 0:
+        return f"--cpus must be positive, got {args.cpus:g}"
+    if args.gpus is not None and args.gpus != "all" and not (args.gpus.isdigit() and int(args.gpus) > 0):
+        return f"--gpus must be 'all' or a positive count, got {args.gpus!r}"
     if args.include is not None:
         try:
             re.compile(args.include)
@@ -179,7 +204,7 @@ def check_command(args: argparse.Namespace) -> int:
     if job is None:
         print(f"coevo sandbox check: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    runner = _make(args, SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb))
+    runner = _make(args, _limits(args))
     if runner is None:
         return EXIT_USAGE
     try:
@@ -202,8 +227,8 @@ def check_command(args: argparse.Namespace) -> int:
 
 
 def _read_check_args(args: argparse.Namespace) -> tuple[str, CheckJob | None]:
-    if args.timeout <= 0 or args.memory_mb <= 0:
-        return "--timeout and --memory-mb must be positive", None
+    if args.timeout <= 0 or args.memory_mb <= 0 or (args.cpus is not None and not args.cpus > 0):
+        return "--timeout, --memory-mb and --cpus must be positive", None
     try:
         source = args.checker.read_text(encoding="utf-8")
         lines = args.cases.read_text(encoding="utf-8").splitlines()

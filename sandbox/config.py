@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sandbox.jobs import available_cpus
+
 
 class SandboxConfig(BaseModel):
     """Which runner executes generated code, with which limits and pool."""
@@ -23,10 +25,16 @@ class SandboxConfig(BaseModel):
     workers: int = Field(2, ge=1, description="programs executed in parallel")
     pool_size: int = Field(2, ge=0, description="warm Docker containers; 0 = a cold container per job")
     jobs_per_container: int = Field(50, ge=1, description="a warm container is replaced after this many jobs")
-    cpus: float = Field(1.0, gt=0, description="CPU quota per container")
+    cpus: float = Field(
+        0.0, ge=0, description="CPU quota and torch threads per job; 0 = the machine's cores shared among the workers"
+    )
     scratch_mb: int = Field(64, ge=1, description="size of each container's /tmp tmpfs")
     docker_runtime: str = Field("", description="'' = Docker's default; 'runsc' for gVisor")
-    gpus: str = Field("", description="'' = none; 'all' or a count: GPUs passed to the containers")
+    gpus: str = Field("", description="'' = none; 'all' or a count: GPUs a job may use (merges run on CUDA)")
+
+    def job_cpus(self) -> float:
+        """`cpus`, or with 0 the machine's cores divided among `workers` (at least 1 each)."""
+        return self.cpus or float(max(1, available_cpus() // self.workers))
 
     @field_validator("gpus")
     @classmethod

@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.jobs import MergeJob, SandboxLimits, SandboxUnavailable
+from sandbox.jobs import (
+    TORCH_ENV,
+    MergeJob,
+    SandboxLimits,
+    SandboxUnavailable,
+    available_cpus,
+    thread_env,
+)
 
 START_TIMEOUT_S = 180.0
 # The worker (python + torch imported) on top of the job's own memory limit.
@@ -132,7 +139,6 @@ class ContainerSpec:
     uid: int
     gid: int
     limits: SandboxLimits
-    cpus: float
     scratch_mb: int
     runtime: str | None
     gpus: str | int | None
@@ -143,7 +149,6 @@ class ContainerSpec:
         from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
         memory = f"{self.limits.memory_mb + WORKER_OVERHEAD_MB}m"
-        threads = str(max(1, int(self.cpus)))
         # Mount objects, not `volumes`: the same dir may be mounted twice (base == expert), and
         # a missing source is an error rather than an empty root-owned dir the daemon creates.
         binds = [
@@ -163,17 +168,17 @@ class ContainerSpec:
             "pids_limit": self.limits.max_processes + 16,
             "mem_limit": memory,
             "memswap_limit": memory,
-            "nano_cpus": int(self.cpus * 1e9),
+            # The daemon refuses a quota above the machine's cores; threads may still exceed it.
+            "nano_cpus": int(min(self.limits.cpus, available_cpus()) * 1e9),
             "ulimits": [Ulimit(name="core", soft=0, hard=0)],
             "mounts": binds,
             "environment": {
-                "OMP_NUM_THREADS": threads,
-                "MKL_NUM_THREADS": threads,
-                "OPENBLAS_NUM_THREADS": threads,
+                **thread_env(self.limits.threads),
+                **TORCH_ENV,
                 "PYTHONHASHSEED": "0",
-                "CUDA_VISIBLE_DEVICES": "" if self.gpus is None else os.environ.get(
-                    "CUDA_VISIBLE_DEVICES", "all"
-                ),
+                # With GPUs, the device request decides which the container sees (numbered from
+                # 0 inside it): the host's own CUDA_VISIBLE_DEVICES would not name them.
+                **({"CUDA_VISIBLE_DEVICES": ""} if self.gpus is None else {}),
             },
             "working_dir": "/tmp",
             "hostname": "sandbox",

@@ -107,7 +107,6 @@ class DockerRunner:
         *,
         pool_size: int = 2,
         jobs_per_container: int = 50,
-        cpus: float = 1.0,
         scratch_mb: int = 64,
         runtime: str | None = None,
         gpus: str | int | None = None,
@@ -117,9 +116,9 @@ class DockerRunner:
         max_pools: int = 4,
         client: Any = None,
     ) -> None:
-        if pool_size < 0 or jobs_per_container < 1 or cpus <= 0 or scratch_mb < 1 or max_pools < 1:
+        if pool_size < 0 or jobs_per_container < 1 or scratch_mb < 1 or max_pools < 1:
             raise ValueError(
-                "pool_size >= 0, jobs_per_container >= 1, cpus > 0, scratch_mb >= 1, max_pools >= 1"
+                "pool_size >= 0, jobs_per_container >= 1, scratch_mb >= 1, max_pools >= 1"
             )
         from sandbox.image import ImageError, ensure_image, image_exists
 
@@ -151,7 +150,7 @@ class DockerRunner:
         # host, the container still runs as an unprivileged uid.
         uid, gid = os.getuid(), os.getgid()
         uid, gid = (uid, gid) if uid != 0 else (SANDBOX_UID, SANDBOX_UID)
-        self.spec = ContainerSpec(image, uid, gid, self.limits, cpus, scratch_mb, runtime, gpus)
+        self.spec = ContainerSpec(image, uid, gid, self.limits, scratch_mb, runtime, gpus)
         self._own_scratch = scratch_dir is None
         self.scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="coevo-docker-")).resolve()
         self.scratch.mkdir(parents=True, exist_ok=True)
@@ -248,7 +247,12 @@ class DockerRunner:
         return self._run_warm(mounts, payload, finish)
 
     def _job(self, payload: Callable[[str], dict[str, Any]], root: str) -> dict[str, Any]:
-        return {**payload(root), "result_path": f"{root}/result.json", "limits": self.limits.to_dict()}
+        return {
+            **payload(root),
+            "result_path": f"{root}/result.json",
+            "limits": self.limits.to_dict(),
+            "device": "cpu" if self.spec.gpus is None else "cuda",
+        }
 
     def _run_warm(
         self,

@@ -13,12 +13,14 @@ rlimits because `preexec_fn` is unsafe in a multi-threaded parent (`run_many` us
 and a container entrypoint has no parent to set them.
 
 Job JSON keys: `source`, `base_dir`, `expert_dirs`, `out_dir`, `include`, `result_path`,
-`limits` (`SandboxLimits` as a dict). A checker job (`"kind": "check"`, see `sandbox.checker`)
+`limits` (`SandboxLimits` as a dict), `device` ("cpu", or "cuda" when the runner gives the job
+GPUs: the merge program then gets CUDA tensors). A checker job (`"kind": "check"`, see `sandbox.checker`)
 has `source`, `cases`, `result_path` and `limits`, and its result adds `scores` and `errors`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,7 +34,7 @@ from typing import Any
 
 from merging import contract
 from sandbox.checker import run_check_job
-from sandbox.jobs import CHECK_KIND, truncate
+from sandbox.jobs import CHECK_KIND, threads_for, truncate
 from sandbox.policy import check_program
 from sandbox.restricted import (
     BoundedPrint,
@@ -78,7 +80,8 @@ def execute(job: dict[str, Any]) -> None:
     # Opened before the program runs: a program that exhausts file descriptors (or fills the
     # disk quota with nothing else) still gets its verdict written.
     result_file = open(tmp, "w")  # noqa: SIM115 - closed below, after the program ran
-    apply_limits(job["limits"])
+    cuda = job.get("device", "cpu") == "cuda"
+    apply_limits(job["limits"], cuda=cuda)
     BoundedPrint.budget = int(job["limits"]["max_log_bytes"])
     start = time.perf_counter()
     result: dict[str, Any]
@@ -88,28 +91,46 @@ def execute(job: dict[str, Any]) -> None:
     else:
         verdict, reason = run_job(job)
         result = {"verdict": verdict, "reason": truncate(reason), "compute_s": COMPUTE.seconds}
-    result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_memory_mb"] = peak_rss_mb()
     result["duration_s"] = time.perf_counter() - start
     with result_file:
         result_file.write(json.dumps(result))
     os.replace(tmp, result_path)
 
 
-def apply_limits(limits: dict[str, Any]) -> None:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MiB: `VmHWM`, the high-water mark of its own
+    address space. Not `ru_maxrss`, which after an exec keeps the peak of the process it was
+    forked from (the runner's, a whole coevo session's) when that one was larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def apply_limits(limits: dict[str, Any], *, cuda: bool = False) -> None:
     """Lower this process's rlimits to the job's limits (never raises an existing lower one).
 
     RLIMIT_DATA caps private writable memory, which makes torch raise a clean allocation error;
-    RLIMIT_AS is not used because torch reserves large virtual ranges it never touches.
+    RLIMIT_AS is not used because torch reserves large virtual ranges it never touches. A CUDA
+    job gets no RLIMIT_DATA (the driver maps large private ranges of its own): its memory is
+    capped from outside, by the container's cgroup or the process runner's watchdog.
     RLIMIT_FSIZE caps every file written (merged shards, logs), with SIGXFSZ ignored so an
     oversized write fails with an OSError instead of killing the process. RLIMIT_CPU is a
-    backstop for a runner that dies before its wall-clock kill. RLIMIT_NPROC counts all
+    backstop for a runner that dies before its wall-clock kill (CPU time of all the job's threads,
+so it scales with `cpus`). RLIMIT_NPROC counts all
     processes of the user and is not enforced for root (of the initial user namespace), so it
     is set only for other users, on top of what the user already runs.
     """
     _lower(resource.RLIMIT_CORE, 0)
-    _lower(resource.RLIMIT_DATA, int(limits["memory_mb"]) * MIB)
+    if not cuda:
+        _lower(resource.RLIMIT_DATA, int(limits["memory_mb"]) * MIB)
     _lower(resource.RLIMIT_FSIZE, int(limits["max_output_mb"]) * MIB)
-    _lower(resource.RLIMIT_CPU, int(math.ceil(float(limits["timeout_s"]))) * 2 + 10)
+    threads = threads_for(float(limits.get("cpus", 1.0)))
+    _lower(resource.RLIMIT_CPU, (int(math.ceil(float(limits["timeout_s"]))) * 2 + 10) * threads)
     if os.geteuid() != 0 or _in_user_namespace():
         _lower(resource.RLIMIT_NPROC, _user_process_count() + int(limits["max_processes"]))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -153,14 +174,32 @@ def run_job(job: dict[str, Any]) -> tuple[str, str]:
         return classify(err)
 
     # Imported here, not at the top: checker jobs never pay for torch.
+    import torch
+
     from merging.apply import MergeOutputInvalid, merge_models
     from merging.check import IncompatibleModels
     from merging.io import ModelDirError
 
+    torch.set_num_threads(threads_for(float(job["limits"].get("cpus", 1.0))))
+    device = job.get("device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        return "sandbox_error", (
+            "the job was given GPUs but CUDA is not available in the sandbox "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}; "
+            "a CUDA image: coevo sandbox build --gpu)"
+        )
+
+    # On a GPU, tensors the program makes without saying where (`torch.zeros(shape)`) are made
+    # there too, like its inputs.
+    where: contextlib.AbstractContextManager[Any] = (
+        torch.device(device) if device != "cpu" else contextlib.nullcontext()
+    )
+
     def guarded_merge(task_vectors: list[Any], *, name: str, base: Any) -> Any:
         start = time.perf_counter()
         try:
-            return merge(task_vectors, name=name, base=base)
+            with where:
+                return merge(task_vectors, name=name, base=base)
         except BaseException as err:  # SystemExit, KeyboardInterrupt too: all are the program's
             raise ProgramError(name) from err
         finally:
@@ -173,6 +212,7 @@ def run_job(job: dict[str, Any]) -> tuple[str, str]:
             [Path(d) for d in job["expert_dirs"]],
             Path(job["out_dir"]),
             include=job.get("include"),
+            device=device,
         )
     except ProgramError as err:
         assert err.__cause__ is not None

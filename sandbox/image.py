@@ -44,7 +44,7 @@ PACKAGES = ("torch", "numpy", "safetensors", "RestrictedPython", "tqdm")
 CONTAINER_MODULES = {
     "sandbox": ("__init__.py", "checker.py", "harness.py", "jobs.py", "policy.py", "pool_worker.py",
                 "restricted.py"),
-    "merging": ("__init__.py", "apply.py", "check.py", "contract.py", "io.py", "methods.py"),
+    "merging": ("__init__.py", "apply.py", "check.py", "contract.py", "io.py", "methods.py", "writer.py"),
 }
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = Path(__file__).resolve().parent / "Dockerfile"

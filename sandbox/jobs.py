@@ -42,22 +42,54 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclass
 class SandboxLimits:
-    """Resource limits for one sandboxed job."""
+    """Resource limits for one sandboxed job. `cpus` is its CPU quota (Docker) and the number
+    of threads torch may use in it (the whole part, at least 1)."""
 
     timeout_s: float = 60.0
     memory_mb: int = 2048
     max_output_mb: int = 1024
     max_log_bytes: int = 64_000
     max_processes: int = 64
+    cpus: float = 1.0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if value <= 0:
                 raise ValueError(f"SandboxLimits.{name} must be positive, got {value}")
 
+    @property
+    def threads(self) -> int:
+        """The threads a job may run: the whole part of `cpus`, at least 1."""
+        return threads_for(self.cpus)
+
     def to_dict(self) -> dict[str, Any]:
         """The limits as JSON-ready values."""
         return asdict(self)
+
+
+def threads_for(cpus: float) -> int:
+    """The threads a CPU quota of `cpus` pays for: its whole part, at least 1."""
+    return max(1, int(cpus))
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask, which a container's cpuset
+    narrows), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+# Set in every sandbox process: torch backs its large CPU tensors with transparent huge pages,
+# so a fresh parameter-sized temporary costs 512x fewer page faults (about half the time of
+# allocating and first writing it on the development machine).
+TORCH_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment variables that size the thread pools of torch's backends."""
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
 @dataclass

@@ -15,8 +15,8 @@ rule id so the archive can count rejections by cause:
 - `computed_attr`: an attribute looked up from a runtime string (`getattr(x, 'a' + 'b')`,
   `str.format` fields);
 - `banned_name`: a builtin that executes code, does I/O or introspects (`exec`, `open`, ...);
-- `banned_attr`: an attribute that leaves the tensor world (`torch.load`, `torch.utils`,
-  `x.numpy`, generator frames, ...);
+- `banned_attr`: an attribute that leaves the tensor world or writes around its version
+  counter (`torch.load`, `torch.utils`, `x.numpy`, `x.data`, generator frames, ...);
 - `statement`: `global`, `nonlocal`, classes, async code, generator functions;
 - `contract`: no top-level merge function with the signature of `merging.contract`, or
   top-level code other than imports, function definitions, constant assignments and docstrings;
@@ -66,11 +66,14 @@ TORCH_BANNED_ATTRS = frozenset(
 TORCH_BANNED_PREFIXES = ("set_",)
 TORCH_BANNED_SUFFIXES = ("Storage",)
 
-# Attributes banned on any object: file and foreign-array escapes, and frame / code
+# Attributes banned on any object: file and foreign-array escapes, writes into a tensor that
+# its version counter does not see (`.data`, `apply_`, `map_`, `map2_`: the merge engine's
+# input check reads that counter instead of copying every input), and frame / code
 # introspection (RestrictedPython blocks most of the latter too; kept here for a clear verdict).
 BANNED_ATTRS = frozenset(
     (
-        "load save numpy tofile dump dumps from_file storage untyped_storage format "
+        "load save numpy tofile dump dumps from_file storage untyped_storage data apply_ map_ "
+        "map2_ format "
         "format_map mro tb_frame tb_next f_back f_builtins f_code f_generator f_globals "
         "f_locals f_trace co_code gi_frame gi_code gi_yieldfrom cr_await cr_frame cr_code "
         "cr_origin ag_await ag_frame ag_code func_globals func_code"
@@ -87,7 +90,8 @@ CHECKER_ALLOWED_MODULES = frozenset(
 )
 # `json.dumps` is a pure function in a checker's world (no files are reachable); everything else
 # banned for merge programs stays banned (`json.load` / `json.dump` take file objects).
-CHECKER_BANNED_ATTRS = BANNED_ATTRS - {"dumps"}
+# The tensor-write attributes concern merge programs only.
+CHECKER_BANNED_ATTRS = BANNED_ATTRS - {"dumps", "data", "apply_", "map_", "map2_"}
 # `string.Formatter().vformat / get_field` resolve `{0.attr}` fields like `str.format` does.
 _CHECKER_FORMAT_ATTRS = _FORMAT_ATTRS | {"Formatter", "vformat", "get_field"}
 _CHECKER_CONTRACT = "def check(answer, instance)"

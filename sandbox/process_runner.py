@@ -27,6 +27,7 @@ from typing import Any
 
 from sandbox.jobs import (
     LOG_FLOOD_FACTOR,
+    TORCH_ENV,
     CheckJob,
     CheckResult,
     MergeJob,
@@ -38,6 +39,7 @@ from sandbox.jobs import (
     read_result,
     rejected,
     tail,
+    thread_env,
     unrun,
 )
 from sandbox.policy import check_checker, check_program
@@ -70,8 +72,10 @@ class ProcessRunner:
 
     name = "process"
 
-    def __init__(self, limits: SandboxLimits | None = None) -> None:
+    def __init__(self, limits: SandboxLimits | None = None, *, gpus: str | int | None = None) -> None:
         self.limits = limits or SandboxLimits()
+        # Which host GPUs a job sees: all of them, or the first `gpus` (merges then run on CUDA).
+        self.gpus = None if gpus in (None, "") else str(gpus)
         warn_once(
             "process",
             "PROCESS SANDBOX: weaker isolation than Docker (shared kernel, no memory cgroup); "
@@ -156,12 +160,17 @@ class ProcessRunner:
         job_file = control / "job.json"
         result_file = control / "result.json"
         job_file.write_text(
-            json.dumps({**payload, "result_path": str(result_file), "limits": limits.to_dict()})
+            json.dumps({
+                **payload,
+                "result_path": str(result_file),
+                "limits": limits.to_dict(),
+                "device": "cpu" if self.gpus is None else "cuda",
+            })
         )
         for sub in ("home", "tmp"):
             (control / sub).mkdir()
         command = [
-            *confinement_prefix(control, staging),
+            *confinement_prefix(control, staging, gpus=self.gpus is not None),
             sys.executable,
             "-s",
             "-B",
@@ -178,7 +187,7 @@ class ProcessRunner:
                 stdout=out,
                 stderr=err,
                 cwd=control,
-                env=_child_env(control),
+                env=_child_env(control, limits.threads, self.gpus),
                 start_new_session=True,
                 close_fds=True,
             )
@@ -188,15 +197,17 @@ class ProcessRunner:
         )
         watchdog.start()
         # Wait without reaping, so the process group id cannot be reused before the group
-        # (including anything the program spawned) is killed, then reap with rusage.
+        # (including anything the program spawned) is killed, then reap it.
         os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
         _kill_group(proc.pid)
-        _, status, rusage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         watch.done.set()
         watchdog.join()
 
-        peak_mb = max(rusage.ru_maxrss / 1024, watch.peak_mb)
+        # Not rusage.ru_maxrss: a child exec'd from this process starts from this process's peak
+        # (see harness.peak_rss_mb); the watchdog's samples and the harness's own figure do not.
+        peak_mb = watch.peak_mb
         if watch.killed_for == "timeout":
             return "timeout", f"exceeded the {limits.timeout_s:g} s wall-clock limit", peak_mb, 0.0
         if watch.killed_for == "memory":
@@ -232,16 +243,20 @@ class ProcessRunner:
         )
 
 
-def confinement_prefix(control: Path, staging: Path) -> list[str]:
+def confinement_prefix(control: Path, staging: Path, *, gpus: bool = False) -> list[str]:
     """The command prefix confining a harness process: bubblewrap if it works, else unshare.
 
     Under bubblewrap the child has its own network, pid, ipc and uts namespaces, a read-only
     view of the host (its TMPDIR is in the control dir), and exactly two writable dirs: its
-    control dir (job file, logs, result) and the staging dir its model is written to.
+    control dir (job file, logs, result) and the staging dir its model is written to. With
+    `gpus`, the NVIDIA device nodes are bound into its otherwise minimal /dev.
     """
     if not bubblewrap():
         return list(network_prefix())
     binds = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    if gpus:
+        for device in sorted(Path("/dev").glob("nvidia*")):
+            binds += ["--dev-bind", str(device), str(device)]
     for path in (control, staging):
         binds += ["--bind", str(path), str(path)]
     return [
@@ -313,22 +328,37 @@ def network_prefix() -> tuple[str, ...]:
     return ()
 
 
-def _child_env(control: Path) -> dict[str, str]:
+def _child_env(control: Path, threads: int, gpus: str | None) -> dict[str, str]:
     # Built from nothing: no host secrets (tokens, keys, proxies) reach the program.
-    return {
+    env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "PYTHONPATH": str(SOURCE_ROOT),
         "HOME": str(control / "home"),
         "TMPDIR": str(control / "tmp"),
         "LANG": "C.UTF-8",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
+        **thread_env(threads),
+        **TORCH_ENV,
         "PYTHONNOUSERSITE": "1",
         "PYTHONHASHSEED": "0",
         "HF_HUB_OFFLINE": "1",
-        "CUDA_VISIBLE_DEVICES": "",
     }
+    visible = _visible_gpus(gpus)
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    return env
+
+
+def _visible_gpus(gpus: str | None) -> str | None:
+    """CUDA_VISIBLE_DEVICES for a job ("" = none; None = leave it unset, all GPUs): without
+    `gpus` none, with "all" the host's own setting, with a count the first that many of the
+    devices the host sees."""
+    host = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if gpus is None:
+        return ""
+    if gpus == "all":
+        return host
+    devices = host.split(",") if host else [str(i) for i in range(int(gpus))]
+    return ",".join(devices[: int(gpus)])
 
 
 def _watchdog(pid: int, control: Path, limits: SandboxLimits, watch: _Watch) -> None:

@@ -25,6 +25,7 @@ def make_runner(
     limits: SandboxLimits | None = None,
     *,
     input_roots: Sequence[Path] = (),
+    gpus: str | int | None = None,
     **docker_options: Any,
 ) -> Runner:
     """The runner for `kind`: "docker", "process", or "auto" (Docker when a daemon is
@@ -32,22 +33,22 @@ def make_runner(
 
     `input_roots` are dirs that hold the models of many jobs (the zoo, a session's children):
     Docker mounts them read-only in one shared warm pool instead of a pool per set of models;
-    the process runner needs nothing (under bubblewrap it sees the host read-only). The other
-    `docker_options` go to `DockerRunner` (pool_size, max_pools, cpus, runtime, gpus,
-    scratch_dir, ...). "docker" raises SandboxUnavailable with a one-line reason when Docker
-    cannot be used.
+    the process runner needs nothing (under bubblewrap it sees the host read-only). `gpus`
+    ("all" or a count) gives jobs GPUs, and merges run on CUDA. The other `docker_options` go
+    to `DockerRunner` (pool_size, max_pools, runtime, scratch_dir, ...). "docker" raises
+    SandboxUnavailable with a one-line reason when Docker cannot be used.
     """
     if kind not in ("auto", "docker", "process"):
         raise ValueError(f"unknown sandbox runner {kind!r}: use 'auto', 'process' or 'docker'")
     if kind == "process":
-        return ProcessRunner(limits)
+        return ProcessRunner(limits, gpus=gpus)
     try:
-        return DockerRunner(limits, input_roots=input_roots, **docker_options)
+        return DockerRunner(limits, input_roots=input_roots, gpus=gpus, **docker_options)
     except SandboxUnavailable as err:
         if kind == "docker":
             raise
         warn_once("auto", f"Docker sandbox unavailable ({err}); falling back to the process sandbox")
-        return ProcessRunner(limits)
+        return ProcessRunner(limits, gpus=gpus)
 
 
 def runner_from_config(
@@ -58,13 +59,12 @@ def runner_from_config(
     `input_roots`: dirs under which every model a job reads lies (Docker mounts them
     read-only once, so one warm pool serves any parents drawn from them).
     """
-    limits = SandboxLimits(timeout_s=config.timeout_s, memory_mb=config.memory_mb)
+    limits = SandboxLimits(timeout_s=config.timeout_s, memory_mb=config.memory_mb, cpus=config.job_cpus())
     return make_runner(
         config.runner,
         limits,
         pool_size=config.pool_size,
         jobs_per_container=config.jobs_per_container,
-        cpus=config.cpus,
         scratch_mb=config.scratch_mb,
         runtime=config.docker_runtime or None,
         gpus=config.gpus or None,

@@ -454,3 +454,34 @@ def test_stale_containers_of_dead_sessions_are_removed(docker_ready: None) -> No
         assert stale.name not in names
     finally:
         runner.close()
+
+
+THREADS = HEADER + "    return torch.full_like(base, float(torch.get_num_threads())) - base\n"
+
+
+def test_cpus_set_the_quota_and_the_threads_of_warm_jobs(
+    docker_ready: None, tiny_models: dict, tmp_path: Path
+) -> None:
+    from merging.io import open_weights
+    from sandbox.jobs import available_cpus
+
+    for cpus in (1.0, 2.0):
+        runner = _runner(pool_size=1, limits=SandboxLimits(timeout_s=60, memory_mb=1024, cpus=cpus))
+        try:
+            kwargs = runner._container_kwargs((), tmp_path, ["true"], "coevo-sandbox-spec")
+            assert kwargs["nano_cpus"] == int(min(cpus, available_cpus()) * 1e9)
+            assert kwargs["environment"]["OMP_NUM_THREADS"] == str(int(cpus))
+            for i in range(2):  # the first job starts the container, the second reuses it
+                result = runner.run(_job(tiny_models, THREADS, tmp_path / f"out{cpus}-{i}"))
+                assert result.verdict == "ok", result.reason
+                with open_weights(tmp_path / f"out{cpus}-{i}") as merged:
+                    assert set(merged.get("model.norm.weight").tolist()) == {cpus}
+        finally:
+            runner.close()
+    # A quota above the machine's cores is capped (the daemon refuses it); threads are not.
+    runner = _runner(pool_size=0, limits=SandboxLimits(cpus=available_cpus() * 4.0))
+    try:
+        kwargs = runner._container_kwargs((), tmp_path, ["true"], "coevo-sandbox-spec")
+        assert kwargs["nano_cpus"] == available_cpus() * 10**9
+    finally:
+        runner.close()

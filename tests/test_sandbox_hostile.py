@@ -395,7 +395,7 @@ ESCAPE_TRICKS = [
         merge_program("print(torch.functools.reduce)", "return base * 0"),
     ),
     stopped("trick-torch-utils-via-F", "runtime_error", "'torch.utils' is not allowed",
-        merge_program("print(F.torch.utils.data.DataLoader)", "return base * 0", imports=F_IMPORTS),
+        merge_program("print(F.torch.utils.hooks.RemovableHandle)", "return base * 0", imports=F_IMPORTS),
     ),
 ]
 

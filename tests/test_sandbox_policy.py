@@ -73,6 +73,10 @@ REJECTED = [
     ("banned_attr", _program("return torch.hub.load('a', 'b')")),
     ("banned_attr", _program("return torch.UntypedStorage.from_file('/etc/passwd')")),
     ("banned_attr", _program("return torch.tensor(base.numpy())")),
+    # Writes the version counter does not see (the engine's input check reads that counter).
+    ("banned_attr", _program("base.data.mul_(0)", "return base")),
+    ("banned_attr", _program("task_vectors[0].apply_(abs)", "return base")),
+    ("banned_attr", _program("base.map_(base, max)", "return base")),
     ("import", "from torch import load\n" + _program("return base")),
     ("banned_attr", _program("t = torch", "return t.utils")),
     ("banned_attr", _program("g = (x for x in task_vectors)", "return g.gi_frame")),

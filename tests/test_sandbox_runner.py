@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from coevo.zoo.tiny import save_tiny_llama
+from merging.io import open_weights
 from sandbox.cli import add_sandbox_parser
 from sandbox.jobs import VERDICTS, MergeJob, SandboxLimits, SandboxResult, SandboxUnavailable
 from sandbox.process_runner import ProcessRunner, network_prefix
@@ -150,9 +151,45 @@ def test_environment_is_scrubbed(
     from sandbox.process_runner import _child_env
 
     monkeypatch.setenv("HF_TOKEN", "secret")
-    env = _child_env(tmp_path)
+    env = _child_env(tmp_path, 3, None)
     assert "HF_TOKEN" not in env and not any("secret" in v for v in env.values())
     assert env["HOME"].startswith(str(tmp_path))
+    assert env["OMP_NUM_THREADS"] == "3" and env["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert env["CUDA_VISIBLE_DEVICES"] == ""  # no GPU unless the runner was given some
+
+
+def test_peak_memory_is_the_jobs_not_the_callers(tiny_models: dict, tmp_path: Path) -> None:
+    # A child exec'd from a large process inherits its ru_maxrss; the job reports its own peak.
+    ballast = bytearray(1536 * 1024 * 1024)  # touched by the zero fill
+    try:
+        result = _run(tiny_models, MEAN, tmp_path / "out")
+    finally:
+        del ballast
+    assert result.verdict == "ok", result.reason
+    assert 10 < result.peak_memory_mb < 1024
+
+
+def test_gpus_a_job_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.process_runner import _visible_gpus
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _visible_gpus(None) == ""
+    assert _visible_gpus("all") is None  # left unset: every GPU
+    assert _visible_gpus("2") == "0,1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
+    assert _visible_gpus("all") == "3,5,7"
+    assert _visible_gpus("2") == "3,5"
+
+
+THREADS = _program("return torch.full_like(base, float(torch.get_num_threads())) - base")
+
+
+@pytest.mark.parametrize("cpus", [1.0, 2.0])
+def test_job_runs_as_many_threads_as_its_cpus(tiny_models: dict, tmp_path: Path, cpus: float) -> None:
+    result = _run(tiny_models, THREADS, tmp_path / "out", cpus=cpus)
+    assert result.verdict == "ok", result.reason
+    with open_weights(tmp_path / "out") as merged:
+        assert set(merged.get("model.norm.weight").tolist()) == {cpus}
 
 
 def test_network_is_isolated_when_unshare_works() -> None:
@@ -241,3 +278,70 @@ def test_cli_bad_arguments_exit_2(
     err = capsys.readouterr().err
     assert err.startswith("coevo sandbox run: error: expert 'wider'") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_cpus_and_gpus_flags(
+    tiny_models: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    program = tmp_path / "program.py"
+    program.write_text(THREADS)
+    args = [*_cli_args(tiny_models, program, tmp_path / "out"), "--runner", "process", "--json"]
+    assert _cli([*args, "--cpus", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "ok"
+    with open_weights(tmp_path / "out") as merged:
+        assert set(merged.get("model.norm.weight").tolist()) == {2.0}
+    for flag, value, message in [("--cpus", "0", "--cpus must be positive, got 0"), ("--gpus", "two", "--gpus must be 'all' or a positive count, got 'two'")]:
+        assert _cli([*args, flag, value]) == 2
+        assert capsys.readouterr().err == f"coevo sandbox run: error: {message}\n"
+
+
+def test_a_gpu_job_without_cuda_says_so(tiny_models: dict, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = ProcessRunner(SandboxLimits(timeout_s=60), gpus="1").run(_job(tiny_models, MEAN, tmp_path / "out"))
+    assert result.verdict == "sandbox_error"
+    assert result.reason.startswith("the job was given GPUs but CUDA is not available in the sandbox (torch ")
+    assert _no_leftovers(tmp_path / "out")
+
+
+def test_config_cpus_default_shares_the_cores_among_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox import config as config_module
+    from sandbox.config import SandboxConfig
+    from sandbox.runners import runner_from_config
+
+    monkeypatch.setattr(config_module, "available_cpus", lambda: 16)
+    assert SandboxConfig(workers=4).job_cpus() == 4.0
+    assert SandboxConfig(workers=32).job_cpus() == 1.0
+    assert SandboxConfig(workers=4, cpus=2.5).job_cpus() == 2.5
+    runner = runner_from_config(SandboxConfig(runner="process", workers=8))
+    assert runner.limits.cpus == 2.0 and runner.limits.threads == 2
+    assert SandboxLimits(cpus=0.5).threads == 1 and SandboxLimits(cpus=3.9).threads == 3
+
+
+def test_the_image_ships_every_module_the_harness_imports() -> None:
+    # The image copies a fixed list of files (sandbox.image.CONTAINER_MODULES); a module the
+    # harness or the pool worker reaches that is not on it fails every container at start.
+    import ast
+
+    from sandbox.image import CONTAINER_MODULES, SOURCE_ROOT
+
+    shipped = {f"{package}/{name}" for package, names in CONTAINER_MODULES.items() for name in names}
+    todo = ["sandbox/harness.py", "sandbox/pool_worker.py"]
+    reached: set[str] = set()
+    while todo:
+        path = todo.pop()
+        if path in reached:
+            continue
+        reached.add(path)
+        for node in ast.walk(ast.parse((SOURCE_ROOT / path).read_text())):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            for module in modules:
+                if module.split(".")[0] in CONTAINER_MODULES:
+                    file = module.replace(".", "/") + ".py"
+                    if (SOURCE_ROOT / file).is_file():
+                        todo.append(file)
+                    elif (SOURCE_ROOT / module.replace(".", "/")).is_dir():
+                        todo.append(module.replace(".", "/") + "/__init__.py")
+    assert reached - shipped == set()
