@@ -105,19 +105,19 @@ def merge_models(
         merging = set(to_merge)
         for index, name in enumerate(tqdm(names, desc="merging", unit="tensor", disable=not progress)):
             if index + 1 < len(names):  # the kernel reads the next one while this one computes
-                for weights in models:
-                    weights.prefetch(names[index + 1])
-            if name in merging:
+                following = names[index + 1]
+                for weights in models if following in merging else [base]:
+                    weights.prefetch(following)
+            if name in merging:  # (`buffers.load` releases the inputs' pages once copied)
                 merged, release = _merge_one(
                     merge_fn, name, models, buffers, check_inputs_unmodified
                 )
                 buffers.renew_retained()
                 writer.write(name, merged, on_written=release)
                 merged_count += 1
-            else:
+            else:  # only the base is read, and only if copy_file_range falls back to memory
                 writer.copy(name, base)
-            for weights in models:
-                weights.release(name)
+                base.release(name)
     return MergeStats(len(names), merged_count, time.perf_counter() - start)
 
 
