@@ -203,6 +203,26 @@ class TasksConfig(Section):
     max_new_tokens: int = Field(1500, ge=64)
 
 
+class ClusterConfig(Section):
+    """A Ray cluster to run sandbox jobs and judges on (`address` unset: this machine only)."""
+
+    address: str = Field(
+        "", description="'' = this machine only (Ray is not imported); 'auto' = the cluster this node belongs to; "
+        "'ray://head:10001' = Ray Client"
+    )
+    workers_per_node: int = Field(0, ge=0, description="sandbox jobs at once on each node; 0 = sandbox.workers")
+    judges: int = Field(0, ge=0, description="judge actors; 0 = one per GPU in the cluster, else one per node")
+    max_retries: int = Field(2, ge=0, description="times a job or candidate lost with its node is sent elsewhere")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip()
+        if value and value != "auto" and not value.startswith("ray://") and ":" not in value:
+            raise ValueError("must be '', 'auto', 'ray://host:port' or a head node's host:port")
+        return value
+
+
 class ReportConfig(Section):
     top_k: int = Field(5, ge=1, description="best algorithms re-scored on the test split")
 
@@ -232,6 +252,7 @@ class DiscoveryConfig(Section):
     report: ReportConfig = ReportConfig()
     population: PopulationConfig = PopulationConfig()
     tasks: TasksConfig = TasksConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _mode_defaults(self) -> DiscoveryConfig:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +26,12 @@ from typing import Any
 
 from langgraph.checkpoint.sqlite import SqliteSaver
 
-from agents.answerer import Answerer, Resident
+from agents.answerer import Resident
+from agents.cluster import JudgePool
 from agents.config import DiscoveryConfig
 from agents.console import one_line, progress, say
-from agents.vllm_answerer import VLLMAnswerer
+from agents.residents import make_resident
+from agents.tasks import Task
 from archive_store import Archive, prompt_hash
 from archive_store.reviews import record_reviews
 from sandbox.jobs import MergeJob, Runner, SandboxResult
@@ -54,25 +56,34 @@ class LoopContext:
     runner: Runner
     base_dir: Path
     expert_dirs: list[Path]
+    sandbox_slots: int = 0
+    judge_factory: Callable[[], Resident] | None = None
     _answerer: Resident | None = field(default=None, repr=False)
 
     @property
     def answerer(self) -> Resident:
-        """The resident model that answers tasks, hot-swapping each model's weights."""
+        """The resident model that answers tasks, hot-swapping each model's weights (on a
+        cluster, a pool of judge actors that each hold one)."""
         if self._answerer is None:
-            cfg = self.config.judge
-            if cfg.engine == "vllm":
-                self._answerer = VLLMAnswerer(
-                    self.base_dir, max_new_tokens=cfg.max_new_tokens, dtype=cfg.vllm_dtype,
-                    gpu_memory_utilization=cfg.vllm_memory, max_model_len=cfg.vllm_max_model_len,
-                    tensor_parallel_size=cfg.vllm_tensor_parallel, seed=self.config.seed,
-                )
-                say(f"[judge] vLLM engine up in {self._answerer.start_seconds:.0f}s; each model's weights are swapped in")
-            else:
-                self._answerer = Answerer(
-                    self.base_dir, device=cfg.device, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
-                )
+            make = self.judge_factory or (lambda: make_resident(self.config, self.base_dir))
+            self._answerer = make()
         return self._answerer
+
+    @property
+    def workers(self) -> int:
+        """How many sandbox jobs run at once: the runner's slots on a cluster, else
+        sandbox.workers."""
+        return self.sandbox_slots or self.config.sandbox.workers
+
+    def answer_all(self, model_dirs: Sequence[Path], tasks: Sequence[Task]) -> Iterator[list[str]]:
+        """Each model's answers to `tasks`, in order; a judge pool answers several models at
+        once, each on the first actor free."""
+        answerer = self.answerer
+        if isinstance(answerer, JudgePool):
+            yield from answerer.answer_many([(Path(d), list(tasks)) for d in model_dirs])
+        else:
+            for model_dir in model_dirs:
+                yield answerer.answer_tasks(Path(model_dir), tasks)
 
     def record_reviews(self) -> int:
         """Record the verdicts reviewers gave since (the workdir's inbox) in the archive."""

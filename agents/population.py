@@ -295,7 +295,7 @@ def breed(state: PopulationState, runtime: Ctx) -> PopulationState:
             runnable.append(child)
             jobs.append(MergeJob(source=child["code"], base_dir=ctx.base_dir, expert_dirs=[Path(paths[p]) for p in child["parents"]],
                                  out_dir=ctx.model_dir(f"{child['algorithm_id']}/model"), include=ctx.config.models.include or None))
-    results = run_merge_jobs(ctx.runner, jobs, workers=ctx.config.sandbox.workers, label=f"breed (sandbox: {ctx.runner.name})")
+    results = run_merge_jobs(ctx.runner, jobs, workers=ctx.workers, label=f"breed (sandbox: {ctx.runner.name})")
     for child, job, result in zip(runnable, jobs, results, strict=True):
         runs.append(sandbox_run_row(child["algorithm_id"], result, ctx.runner))
         if result.verdict == "ok":

@@ -120,7 +120,7 @@ class SelfdevContext(LoopContext):
             say(f"  {len(lost)} top-{self.config.report.top_k} models' weights are gone from {scratch}: merging them again")
             jobs = [dataclasses.replace(job, out_dir=self.model_dir(m))
                     for m, job in zip(lost, self.merge_jobs([m.removesuffix("/model") for m in lost]), strict=True)]
-            for model_id, result in zip(lost, run_merge_jobs(self.runner, jobs, workers=self.config.sandbox.workers,
+            for model_id, result in zip(lost, run_merge_jobs(self.runner, jobs, workers=self.workers,
                                                              label="merge again"), strict=True):
                 if result.verdict != "ok":
                     raise RuntimeError(f"merging {model_id} again gave {result.verdict}: {result.reason}")
@@ -284,7 +284,7 @@ def execute(state: SessionState, runtime: Ctx) -> SessionState:
     if scratch is not None:
         scratch.mkdir(parents=True, exist_ok=True)
     label = f"sandbox ({ctx.runner.name})" + (" + judge (dev)" if scratch is not None else "")
-    results = run_merge_jobs(ctx.runner, jobs, workers=ctx.config.sandbox.workers, label=label,
+    results = run_merge_jobs(ctx.runner, jobs, workers=ctx.workers, label=label,
                              consume=judge_now if scratch is not None else None)
     runs, models = [], []
     for algorithm_id, job, result in zip(pending, jobs, results, strict=True):
@@ -318,8 +318,9 @@ def judge(state: SessionState, runtime: Ctx) -> SessionState:
     best = None
     rows = []
     with progress("judge (dev)", len(merged)) as advance:
-        for model_id, path in merged:
-            scored = ctx.score(Path(path), dev)
+        answers = ctx.answer_all([Path(path) for _, path in merged], dev)
+        for (model_id, _), answered in zip(merged, answers, strict=True):
+            scored = exact_scores(dev, answered)
             rows += ctx.evaluation_rows(model_id, dev, scored)
             score = mean_score(scored)
             best = score if best is None else max(best, score)

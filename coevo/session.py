@@ -14,10 +14,12 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 from agents import population, selfdev
+from agents.answerer import Resident
 from agents.backends import LLMBackend, VersionedBackend, make_generator_backend, make_llm
 from agents.console import say
 from agents.generator import Generator, GeneratorVersion
@@ -64,13 +66,11 @@ def run_session(
         # Population children live under models/; one warm container pool serves every
         # parent set drawn from there, the base and the experts.
         (workdir / "models").mkdir(exist_ok=True)
-        runner = runner_from_config(
-            config.sandbox, scratch_dir=workdir / ".sandbox", input_roots=[workdir / "models", base, *experts]
-        )
-        stack.callback(runner.close)
+        runner, slots, judges = _runners(config, workdir, base, experts, stack)
         say(f"[session] sandbox runner: {runner.description}")
         shared = {"config": config, "session_id": session_id, "workdir": workdir, "archive": archive,
-                  "runner": runner, "base_dir": base, "expert_dirs": experts}
+                  "runner": runner, "base_dir": base, "expert_dirs": experts, "sandbox_slots": slots,
+                  "judge_factory": judges}
         if config.mode == "selfdev":
             ctx: LoopContext
             ctx, start, prompts = _selfdev(shared, tasks_dir, task_set, zoo_generator, resume=bool(resume))
@@ -101,6 +101,46 @@ def run_session(
         say("")
         say(format_report(archive, session_id, config.mode))
         return session_id
+
+
+def _runners(
+    config: Config, workdir: Path, base: Path, experts: list[Path], stack: contextlib.ExitStack
+) -> tuple[Runner, int, Callable[[], Resident] | None]:
+    """The session's sandbox runner, how many jobs it runs at once (0: sandbox.workers), and
+    what makes its judge (None: the resident model in this process).
+
+    With [cluster] address, jobs and judges run on the Ray cluster's nodes; every node must
+    read the models and write the workdir's models/ (checked here, one line if not)."""
+    inputs = [workdir / "models", base, *experts]
+    cluster = config.cluster
+    if not cluster.address:
+        runner = runner_from_config(config.sandbox, scratch_dir=workdir / ".sandbox", input_roots=inputs)
+        stack.callback(runner.close)
+        return runner, 0, None
+    from agents.cluster import JudgePool
+    from sandbox.cluster import RayRunner
+
+    ray_runner = RayRunner(
+        cluster.address, config.sandbox, workers_per_node=cluster.workers_per_node, max_retries=cluster.max_retries,
+        scratch_dir=workdir / ".sandbox", input_roots=inputs,
+    )
+    stack.callback(ray_runner.close)
+    ray_runner.check_paths([base, *experts], [workdir / "models"])
+    for node in ray_runner.nodes:
+        say(f"[cluster] node {node['host']} ({node['node_id'][:8]}): {node['description']}")
+    pools: list[JudgePool] = []
+
+    def judges() -> Resident:
+        pool = JudgePool(cluster.address, config, base, actors=cluster.judges, max_retries=cluster.max_retries)
+        pools.append(pool)
+        return pool
+
+    def close_judges() -> None:
+        for pool in pools:
+            pool.close()
+
+    stack.callback(close_judges)
+    return ray_runner, ray_runner.slots, judges
 
 
 def _session_to_resume(archive: Archive, workdir: Path, which: bool | str) -> dict[str, Any]:

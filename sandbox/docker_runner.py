@@ -77,6 +77,7 @@ from sandbox.jobs import (
     unrun,
 )
 from sandbox.policy import check_checker, check_program
+from sandbox.reaper import start_reaper
 
 log = logging.getLogger("coevo.sandbox")
 
@@ -167,6 +168,7 @@ class DockerRunner:
         self._pools = Pools(max_pools, self._new_pool)
         remove_stale_containers(self.client)
         atexit.register(self.close)
+        start_reaper()  # removes this process's containers if it dies without closing them
 
     @property
     def image(self) -> str:

@@ -115,3 +115,41 @@ def make_sandbox(sandbox_kind: str) -> Callable[..., Runner]:
         return _docker_runners[key]  # type: ignore[return-value]
 
     return make
+
+
+def require_ray() -> None:
+    """Skip when Ray is not installed; fail instead under CI (COEVO_REQUIRE_RAY=1)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as err:
+        if os.environ.get("COEVO_REQUIRE_RAY") == "1":
+            pytest.fail(f"Ray required (COEVO_REQUIRE_RAY=1) but not importable: {err}")
+        pytest.skip("Ray is not installed (pip install -e '.[dev]' installs it)")
+
+
+# Set in the cluster's processes before they start, so a hostile program run on a node can look
+# for it in its environment (and must not find it in anything it returns).
+CLUSTER_SECRET_VAR = "COEVO_TEST_CLUSTER_SECRET"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """A real multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`): a head and
+    two worker nodes, one CPU each, this test process connected as its driver."""
+    require_ray()
+    import secrets
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault(CLUSTER_SECRET_VAR, f"coevo-cluster-secret-{secrets.token_hex(8)}")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -456,6 +456,47 @@ def test_stale_containers_of_dead_sessions_are_removed(docker_ready: None) -> No
         runner.close()
 
 
+def test_a_killed_owner_leaves_no_container(docker_ready: None) -> None:
+    """SIGKILL of the process that holds a warm pool (an orchestrator, a cluster node's actor):
+    its reaper removes the pool's containers within seconds, with no later run needed."""
+    import signal
+    import subprocess
+    import sys
+
+    import docker
+
+    from sandbox.docker_pool import LABEL
+
+    code = (
+        "import time\nfrom sandbox.docker_runner import DockerRunner\nfrom sandbox.jobs import CheckJob, SandboxLimits\n"
+        "runner = DockerRunner(SandboxLimits(timeout_s=30), pool_size=2)\n"
+        "result = runner.run_check(CheckJob('def check(answer, instance):\\n    return 1\\n',"
+        " [{'answer': 'a', 'instance': {}}]))\n"
+        "print('up' if result.verdict == 'ok' else result, flush=True)\ntime.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    client = docker.from_env()
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "up"
+
+        def mine() -> list[Any]:
+            return client.containers.list(all=True, filters={"label": f"{LABEL}.pid={owner.pid}"}, ignore_removed=True)
+
+        deadline = time.time() + 120
+        while not mine() and time.time() < deadline:  # the pool fills in the background
+            time.sleep(0.5)
+        assert mine(), "the warm pool started no container"
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        deadline = time.time() + 30
+        while mine() and time.time() < deadline:
+            time.sleep(0.5)
+        assert not mine(), "containers of a killed owner are still there"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+
+
 THREADS = HEADER + "    return torch.full_like(base, float(torch.get_num_threads())) - base\n"
 
 

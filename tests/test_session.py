@@ -303,10 +303,13 @@ def test_judge_only_weights_in_ram_backed_scratch(tmp_path: Path, zoo_dir: Path)
             kept = dict(archive.query("select model_id, path from models where kind = 'merged' and weights_deleted_at is null")[1])
             deleted = [r[0] for r in archive.query(
                 "select path from models where kind = 'merged' and weights_deleted_at is not null")[1]]
+            best_path = archive.model_paths([best])[best]
             tested = archive.scalar(
                 "select count(distinct model_id) from evaluations join tasks using (task_id) where split = 'test' "
                 "and model_id in (select model_id from models where kind = 'merged')")
-        assert best in top and "top-3 models' weights are gone" in output, output
+        # the lost top-3 model was merged again (a later iteration may still outrank it)
+        assert "top-3 models' weights are gone" in output, output
+        assert best_path != str(scratch / "lost")
         assert sorted(kept) == sorted(top) and tested == 3
         for model in kept.values():
             assert Path(model).parent == workdir / "models" and (Path(model) / "config.json").is_file()
