@@ -7,7 +7,7 @@ tensor, the CPU counterpart of reloading weights into a resident vLLM engine. Th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,13 @@ class Resident:
             for i, reply in zip(indices, replies, strict=True):
                 out[i] = read_reply(reply, fmt)
         return out
+
+
+    def answer_many(self, items: Sequence[tuple[Path, list[Task]]]) -> Iterator[list[str]]:
+        """The answers of each (model dir, tasks), in order: here one model after another; a
+        judge pool (`agents.cluster.JudgePool`) answers several at once."""
+        for model_dir, tasks in items:
+            yield self.answer_tasks(model_dir, tasks)
 
 
 class Answerer(Resident):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +27,9 @@ from typing import Any
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from agents.answerer import Resident
-from agents.cluster import JudgePool
 from agents.config import DiscoveryConfig
 from agents.console import one_line, progress, say
 from agents.residents import make_resident
-from agents.tasks import Task
 from archive_store import Archive, prompt_hash
 from archive_store.reviews import record_reviews
 from sandbox.jobs import MergeJob, Runner, SandboxResult
@@ -74,16 +72,6 @@ class LoopContext:
         """How many sandbox jobs run at once: the runner's slots on a cluster, else
         sandbox.workers."""
         return self.sandbox_slots or self.config.sandbox.workers
-
-    def answer_all(self, model_dirs: Sequence[Path], tasks: Sequence[Task]) -> Iterator[list[str]]:
-        """Each model's answers to `tasks`, in order; a judge pool answers several models at
-        once, each on the first actor free."""
-        answerer = self.answerer
-        if isinstance(answerer, JudgePool):
-            yield from answerer.answer_many([(Path(d), list(tasks)) for d in model_dirs])
-        else:
-            for model_dir in model_dirs:
-                yield answerer.answer_tasks(Path(model_dir), tasks)
 
     def record_reviews(self) -> int:
         """Record the verdicts reviewers gave since (the workdir's inbox) in the archive."""

@@ -318,7 +318,7 @@ def judge(state: SessionState, runtime: Ctx) -> SessionState:
     best = None
     rows = []
     with progress("judge (dev)", len(merged)) as advance:
-        answers = ctx.answer_all([Path(path) for _, path in merged], dev)
+        answers = ctx.answerer.answer_many([(Path(path), dev) for _, path in merged])
         for (model_id, _), answered in zip(merged, answers, strict=True):
             scored = exact_scores(dev, answered)
             rows += ctx.evaluation_rows(model_id, dev, scored)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sandbox.config import SandboxConfig
 from sandbox.jobs import (
@@ -37,7 +37,10 @@ from sandbox.jobs import (
     SandboxResult,
     SandboxUnavailable,
     one_line,
+    unrun,
 )
+
+_R = TypeVar("_R", SandboxResult, CheckResult)
 
 # How long past a job's own timeout the driver waits for its actor before counting the actor
 # as hung (it is then killed and the job retried): the job's container start and its output's
@@ -334,31 +337,25 @@ class RayRunner:
             return answer, node.host, lost
         return None, "", lost
 
+    def _result(self, result: type[_R], method: str, payload: dict[str, Any]) -> _R:
+        """`method`'s result from the least busy node, its runner named with the node's host;
+        a `sandbox_error` naming the lost nodes when every attempt's node died."""
+        start = time.perf_counter()
+        answer, host, lost = self._dispatch(method, payload)
+        if answer is None:
+            return unrun(result, "sandbox_error", one_line(f"lost on {len(lost)} node(s): {'; '.join(lost)}"),
+                         start, self.name)
+        done = result(**answer)
+        done.runner = f"{done.runner}@{host}"
+        return done
+
     def run(self, job: MergeJob) -> SandboxResult:
         """Run one merge job on the least busy node; never raises for the program or a node."""
-        start = time.perf_counter()
-        answer, host, lost = self._dispatch("run", job.to_dict())
-        if answer is None:
-            return SandboxResult(
-                "sandbox_error", one_line(f"lost on {len(lost)} node(s): {'; '.join(lost)}"),
-                time.perf_counter() - start, 0.0, runner=self.name,
-            )
-        result = SandboxResult(**answer)
-        result.runner = f"{result.runner}@{host}"
-        return result
+        return self._result(SandboxResult, "run", job.to_dict())
 
     def run_check(self, job: CheckJob) -> CheckResult:
         """Score answers with checker code on the least busy node; never raises for it."""
-        start = time.perf_counter()
-        answer, host, lost = self._dispatch("run_check", job.to_dict())
-        if answer is None:
-            return CheckResult(
-                "sandbox_error", one_line(f"lost on {len(lost)} node(s): {'; '.join(lost)}"),
-                time.perf_counter() - start, 0.0, runner=self.name,
-            )
-        result = CheckResult(**answer)
-        result.runner = f"{result.runner}@{host}"
-        return result
+        return self._result(CheckResult, "run_check", job.to_dict())
 
     def close(self) -> None:
         """Close every node's sandbox (its containers, its scratch) and end the actors."""
