@@ -62,7 +62,6 @@ class Resident:
                 out[i] = read_reply(reply, fmt)
         return out
 
-
     def answer_many(self, items: Sequence[tuple[Path, list[Task]]]) -> Iterator[list[str]]:
         """The answers of each (model dir, tasks), in order: here one model after another; a
         judge pool (`agents.cluster.JudgePool`) answers several at once."""
