@@ -2,8 +2,9 @@
 
 Three Qwen2-0.5B-shaped bf16 models are built locally (base = seeded noise, experts = base +
 seeded noise; 494M parameters, 988 MB each) and a twice-as-deep one (48 layers) for memory.
-Every merge runs in a fresh process, at the same thread count, with the page cache warm;
-rounds are interleaved so drift hits every mode alike; wall time and peak RSS come from the
+Every merge runs in a fresh process, at the same thread count, with the page cache warm and
+no dirty pages waiting (`sync` first: another run's writeback throttles a writer on this
+machine by seconds); rounds are interleaved so drift hits every mode alike; wall time and peak RSS come from the
 process's own rusage (`wait4`; for the sandboxes, the result's `duration_s` and
 `peak_memory_mb`, which the harness measures the same way).
 
@@ -135,6 +136,7 @@ def make_models(root: Path, layers: int) -> None:
 def measured(command: list[str], env: dict[str, str]) -> tuple[float, float, dict[str, Any]]:
     """Run `command`; its wall time (s), peak RSS (MiB, from wait4) and the JSON object its
     last stdout line holds, if any."""
+    os.sync()  # no dirty backlog from the last run: its writeback must not throttle this one
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=err)
@@ -182,6 +184,7 @@ def mergekit_merge(
 def coevo_merge(spec: dict[str, Any], threads: int) -> tuple[float, float, float]:
     """A merge in a fresh process (`--child`): a built-in method or a program's source. Its
     wall time, peak RSS, and the time of `merge_models` itself (after the imports)."""
+    shutil.rmtree(spec["out"], ignore_errors=True)  # as for mergekit: no old dir to replace
     wall, peak, said = measured([sys.executable, __file__, "--child", json.dumps({**spec, "threads": threads})], child_env(threads))
     return wall, peak, said["merge_s"]
 
@@ -215,6 +218,7 @@ def floor(base: Path, experts: list[Path], out: Path) -> tuple[float, float]:
     read = time.perf_counter() - start
     size = (base / "model.safetensors").stat().st_size
     chunk = bytes(1 << 24)
+    os.sync()
     start = time.perf_counter()
     with open(out, "wb") as file:
         for _ in range(0, size, len(chunk)):
@@ -318,6 +322,8 @@ def main() -> int:
         for label, source in PROGRAMS.items():
             record((label, "program in-process"), coevo_merge(spec(work / "program", source=source), threads))
             for name, runner in sandboxes.items():
+                shutil.rmtree(work / "sandboxed", ignore_errors=True)
+                os.sync()
                 start = time.perf_counter()
                 result = runner.run(MergeJob(source, base, experts, work / "sandboxed"))
                 wall = time.perf_counter() - start

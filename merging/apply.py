@@ -9,7 +9,14 @@ a background thread writes that tensor to its final offset while the next one is
 The engine's own tensors (the float32 inputs, the outputs waiting to be written) live in
 buffers sized for the largest parameter and reused for every one: a fresh 500 MB tensor costs
 the kernel ~130 000 page faults before the first value lands in it, more than the arithmetic
-on it. So memory is a few times the largest parameter, whatever the model's size.
+on it. So memory is a few times the largest parameter, whatever the model's size. Its own
+elementwise passes (conversion and subtraction, the sum and its rounding) go a cache-sized
+chunk at a time.
+
+An elementwise merge function (`merging.contract.ELEMENTWISE`, e.g. built-in task arithmetic)
+needs no whole parameter at all: it is called chunk by chunk, and each chunk goes from the
+mapped inputs to the output file while it is in cache, in the caller's thread. That path
+streams the models at a few times the cost of reading and writing them (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import queue
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +34,17 @@ import torch
 from tqdm import tqdm
 
 from merging.check import check_compatible
-from merging.contract import MergeFn
+from merging.contract import ELEMENTWISE, MergeFn
 from merging.io import ModelWeights, TensorInfo, open_weights
 from merging.writer import ModelWriter
+
+# Elements per chunk of the engine's elementwise passes: a chunk of each input and output
+# (1 MiB of float32) stays in L2 from one pass to the next, where a whole parameter (up to
+# 545 MB for a 0.5B model's embeddings) streams through memory once per pass.
+CHUNK = 1 << 18
+# An elementwise merge releases the inputs' pages it has read every this many chunks, so a
+# process maps a few MB of each input at a time, not a whole parameter.
+_RELEASE_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -70,8 +85,11 @@ def merge_models(
 
     Task vectors (`expert - base`) and the base are given to `merge_fn` in float32 on `device`
     ("cuda" streams every parameter to the GPU and the result back); the sum is rounded once, to
-    the parameter's dtype. Non-floating tensors, and tensors whose name does not match the
-    `include` regex (`re.search`), are copied from the base unchanged. A result that is not a
+    the parameter's dtype. A merge function marked elementwise (`merging.contract.ELEMENTWISE`)
+    is called on cache-sized 1-D chunks of each parameter instead, on the CPU: no float32 copy
+    of a whole parameter is made, and the result is the same bit for bit. Non-floating tensors,
+    and tensors whose name does not match the `include` regex (`re.search`), are copied from
+    the base unchanged. A result that is not a
     tensor of the parameter's shape, a merged parameter that is not finite, or a merge that
     modified its inputs raises `MergeOutputInvalid`; exceptions raised by `merge_fn` itself
     propagate unchanged. The output dir is written atomically, with the base's config and
@@ -87,6 +105,8 @@ def merge_models(
     except re.error as err:
         raise ValueError(f"include pattern {include!r} is not a valid regex: {err}") from err
     device = torch.device(device)
+    # On a GPU a chunk's few kernels cost more to launch than to run: whole parameters there.
+    elementwise = getattr(merge_fn, ELEMENTWISE, False) is True and device.type == "cpu"
     check_compatible(base_dir, expert_dirs)
 
     merged_count = 0
@@ -108,12 +128,13 @@ def merge_models(
                 following = names[index + 1]
                 for weights in models if following in merging else [base]:
                     weights.prefetch(following)
-            if name in merging:  # (`buffers.load` releases the inputs' pages once copied)
-                merged, release = _merge_one(
-                    merge_fn, name, models, buffers, check_inputs_unmodified
-                )
+            if name in merging:  # (the inputs' pages are released once copied)
+                if elementwise:
+                    _merge_elementwise(merge_fn, name, models, buffers, writer, check_inputs_unmodified)
+                else:
+                    merged, release = _merge_one(merge_fn, name, models, buffers, check_inputs_unmodified)
+                    writer.write(name, merged, on_written=release)
                 buffers.renew_retained()
-                writer.write(name, merged, on_written=release)
                 merged_count += 1
             else:  # only the base is read, and only if copy_file_range falls back to memory
                 writer.copy(name, base)
@@ -124,13 +145,18 @@ def merge_models(
 class _Buffers:
     """Reused storage for the engine's tensors: one float32 buffer per input (base, each
     expert) on the merge's device, and a few output buffers per output dtype in host memory
-    (pinned, for a GPU merge), each as large as the largest merged parameter needs. Outputs go
-    back to the free list once written."""
+    (pinned, for a GPU merge), each as large as the largest merged parameter needs (pages are
+    only touched by the path that uses them); outputs go back to the free list once written.
+    Chunk-sized ones for the elementwise passes."""
 
     def __init__(self, infos: list[TensorInfo], inputs: int, device: torch.device, outputs: int) -> None:
         self.device = device
         largest = max((info.numel for info in infos), default=0)
         self.inputs = [torch.empty(largest, dtype=torch.float32, device=device) for _ in range(inputs)]
+        self.scratch = torch.empty(min(largest, CHUNK), dtype=torch.float32)
+        # An elementwise merge's inputs, a chunk at a time (the big buffers stay untouched).
+        self.chunks = [torch.empty(min(largest, CHUNK), dtype=torch.float32) for _ in range(inputs)]
+        self.out_chunks: dict[torch.dtype, torch.Tensor] = {}
         self.free: dict[torch.dtype, queue.Queue[torch.Tensor]] = {}
         for dtype in {info.dtype for info in infos}:
             numel = max(info.numel for info in infos if info.dtype == dtype)
@@ -139,17 +165,60 @@ class _Buffers:
                 self.free[dtype].put(torch.empty(numel, dtype=dtype, pin_memory=device.type == "cuda"))
 
     def load(self, name: str, models: list[ModelWeights]) -> list[torch.Tensor]:
-        """`name` of every model in float32, in the input buffers (to a GPU it travels in its
-        own, narrower dtype). The file's pages leave this process's memory once copied."""
-        loaded = []
-        for i, weights in enumerate(models):
-            view = weights.view(name)
-            target = self.inputs[i][: view.numel()].view(view.shape)
-            target.copy_(view if self.device.type == "cpu" else view.to(self.device, non_blocking=True))
-            del view
+        """`name` of the base, then every expert's task vector (expert - base), in float32 in
+        the input buffers (to a GPU each travels in its own, narrower dtype). The file's pages
+        leave this process's memory once copied.
+
+        On the CPU this goes a cache-sized chunk at a time: the base's float32 chunk is still
+        in cache when each expert's chunk is converted and the base subtracted from it, so the
+        float32 buffers are written once and never read back here."""
+        flat = [weights.view(name).reshape(-1) for weights in models]
+        info = models[0].info(name)
+        numel = info.numel
+        loaded = [buffer[:numel] for buffer in self.inputs[: len(models)]]
+        if self.device.type == "cpu":
+            for start in range(0, numel, CHUNK):
+                stop = min(numel, start + CHUNK)
+                base = loaded[0][start:stop]
+                base.copy_(flat[0][start:stop])
+                for target, view in zip(loaded[1:], flat[1:], strict=True):
+                    target[start:stop].copy_(view[start:stop]).sub_(base)
+        else:
+            for target, view in zip(loaded, flat, strict=True):
+                target.copy_(view.to(self.device, non_blocking=True))
+            for target in loaded[1:]:
+                target.sub_(loaded[0])
+        del flat
+        for weights in models:
             weights.release(name)
-            loaded.append(target)
-        return loaded
+        return [target.view(info.shape) for target in loaded]
+
+    def add_rounded(self, base: torch.Tensor, merged_tv: torch.Tensor, out: torch.Tensor) -> list[torch.Tensor]:
+        """`out = base + merged_tv`, summed in float32 and rounded once to `out`'s dtype (bit for
+        bit `(base + merged_tv).to(dtype)`), a chunk at a time through a float32 scratch that
+        stays in cache. Returns the written values' minimum and maximum of every chunk (to
+        check finiteness with), or `out`'s own for float8, which has no aminmax kernel."""
+        base, merged_tv, out = base.reshape(-1), merged_tv.reshape(-1), out.view(-1)
+        bounds: list[torch.Tensor] = []
+        for start in range(0, out.numel(), CHUNK):
+            stop = min(out.numel(), start + CHUNK)
+            part = out[start:stop]
+            if out.dtype == torch.float32:
+                torch.add(base[start:stop], merged_tv[start:stop], out=part)
+            else:
+                total = self.scratch[: stop - start]
+                part.copy_(torch.add(base[start:stop], merged_tv[start:stop], out=total))
+            if out.dtype.itemsize > 1:
+                bounds.extend(torch.aminmax(part))
+        if out.dtype.itemsize == 1 and out.numel():
+            bounds.extend(torch.aminmax(out.to(torch.float32)))
+        return bounds
+
+    def out_chunk(self, dtype: torch.dtype) -> torch.Tensor:
+        """A chunk-sized buffer of `dtype` (an elementwise merge's output, reused)."""
+        if dtype not in self.out_chunks:
+            self.out_chunks[dtype] = torch.empty(len(self.scratch), dtype=dtype)
+        return self.out_chunks[dtype]
 
     def renew_retained(self) -> None:
         """Give a fresh buffer for every input the merge function kept a reference to (in a
@@ -175,8 +244,6 @@ def _merge_one(
 ) -> tuple[torch.Tensor, Callable[[], None]]:
     info = models[0].info(name)
     base_f32, *task_vectors = buffers.load(name, models)
-    for task_vector in task_vectors:
-        task_vector.sub_(base_f32)
     inputs = [base_f32, *task_vectors]
     before = [_fingerprint(t) for t in inputs] if check_inputs_unmodified else []
 
@@ -198,28 +265,84 @@ def _merge_one(
 
     merged_tv = merged_tv.detach().to(device=base_f32.device, dtype=torch.float32)
     merged, release = buffers.output(info)
-    # The sum goes into the base's buffer, unless the program kept it or returned a view of it
-    # (then a reference more than the buffer's own and `base_f32`): float32 in place, then one
-    # rounding to the parameter's dtype, bit for bit `(base + merged).to(dtype)`, and about
-    # 8x faster than torch's mixed-dtype `add(..., out=bf16)`.
-    in_place = _storage_references(buffers.inputs[0]) == 2
-    base_of = (lambda: models[0].view(name).to(torch.float32)) if in_place else (lambda: base_f32)
     try:
         if base_f32.device.type == "cpu":
-            if in_place:
-                merged.copy_(base_f32.add_(merged_tv))
-            else:
-                torch.add(base_f32, merged_tv, out=merged)
-            _check_finite(name, merged, merged_tv, base_of)
+            bounds = buffers.add_rounded(base_f32, merged_tv, merged)
+            finite = not bounds or bool(torch.isfinite(torch.stack(bounds)).all())
         else:  # summed and checked on the GPU; only the parameter's own bytes come back
-            total = base_f32.add_(merged_tv) if in_place else base_f32 + merged_tv
-            on_device = total.to(info.dtype)
-            _check_finite(name, on_device, merged_tv, base_of)
+            on_device = (base_f32 + merged_tv).to(info.dtype)
+            finite = _all_finite(on_device)
             merged.copy_(on_device)
+        if not finite:
+            _explain_not_finite(name, merged, merged_tv, base_f32)
     except BaseException:
         release()
         raise
     return merged, release
+
+
+class _NotElementwise(Exception):
+    """A chunk's result is not what an elementwise merge gives: merge the parameter whole."""
+
+
+def _merge_elementwise(
+    merge_fn: MergeFn,
+    name: str,
+    models: list[ModelWeights],
+    buffers: _Buffers,
+    writer: ModelWriter,
+    check_inputs_unmodified: bool,
+) -> None:
+    """Merge and write `name` a chunk at a time with an elementwise merge function: each chunk
+    of the inputs is converted, the base subtracted, merged, added back, rounded and written
+    while it is in cache. Anything unexpected (a result that is not a float tensor of the
+    chunk's shape, a modified input, a value that is not finite) merges the parameter again
+    the whole way (`_merge_one`), whose checks say exactly what is wrong."""
+    try:
+        writer.write_pieces(name, _merged_chunks(merge_fn, name, models, buffers, check_inputs_unmodified))
+    except _NotElementwise:
+        merged, release = _merge_one(merge_fn, name, models, buffers, check_inputs_unmodified)
+        writer.write(name, merged, on_written=release)
+    for weights in models:
+        weights.release(name)
+
+
+def _merged_chunks(
+    merge_fn: MergeFn,
+    name: str,
+    models: list[ModelWeights],
+    buffers: _Buffers,
+    check_inputs_unmodified: bool,
+) -> Iterator[torch.Tensor]:
+    info = models[0].info(name)
+    flat = [weights.view(name).reshape(-1) for weights in models]
+    for start in range(0, info.numel, CHUNK):
+        stop = min(info.numel, start + CHUNK)
+        base, *task_vectors = (chunk[: stop - start] for chunk in buffers.chunks[: len(models)])
+        base.copy_(flat[0][start:stop])
+        for target, view in zip(task_vectors, flat[1:], strict=True):
+            target.copy_(view[start:stop]).sub_(base)
+        inputs = [base, *task_vectors]
+        before = [_fingerprint(t) for t in inputs] if check_inputs_unmodified else []
+        merged_tv = merge_fn(task_vectors, name=name, base=base)
+        if (
+            not isinstance(merged_tv, torch.Tensor)
+            or merged_tv.layout != torch.strided
+            or merged_tv.device.type != "cpu"
+            or tuple(merged_tv.shape) != (stop - start,)
+            or not merged_tv.is_floating_point()
+            or (check_inputs_unmodified and [_fingerprint(t) for t in inputs] != before)
+        ):
+            raise _NotElementwise
+        out = buffers.out_chunk(info.dtype)[: stop - start]
+        bounds = buffers.add_rounded(base, merged_tv.detach().float(), out)
+        if bounds and not bool(torch.isfinite(torch.stack(bounds)).all()):
+            raise _NotElementwise
+        yield out
+        if start // CHUNK % _RELEASE_EVERY == _RELEASE_EVERY - 1:  # the inputs' pages read so far
+            done = start - (_RELEASE_EVERY - 1) * CHUNK
+            for weights in models:
+                weights.release(name, done * info.dtype.itemsize, stop * info.dtype.itemsize)
 
 
 def _storage_references(tensor: torch.Tensor) -> int:
@@ -246,25 +369,28 @@ def _fingerprint(tensor: torch.Tensor) -> tuple[Any, ...]:
     )
 
 
-def _check_finite(
-    name: str, merged: torch.Tensor, merged_tv: torch.Tensor, base_of: Callable[[], torch.Tensor]
-) -> None:
-    """Raise unless every value written is finite (one min/max pass; counts only on failure,
-    when `base_of()` gives the base's values to tell an overflow from a bad base)."""
-    if merged.numel() == 0:
-        return
+def _all_finite(values: torch.Tensor) -> bool:
+    """Whether every value is finite, in one min/max pass."""
+    if values.numel() == 0:
+        return True
     try:
-        low, high = torch.aminmax(merged)
+        low, high = torch.aminmax(values)
     except (RuntimeError, NotImplementedError):  # float8: no aminmax kernel
-        low, high = torch.aminmax(merged.to(torch.float32))
-    if bool(torch.isfinite(low) & torch.isfinite(high)):
-        return
+        low, high = torch.aminmax(values.to(torch.float32))
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _explain_not_finite(
+    name: str, merged: torch.Tensor, merged_tv: torch.Tensor, base: torch.Tensor
+) -> None:
+    """Raise for a merged parameter with values that are not finite: the merge's own output,
+    the base's weights, or the sum overflowing the parameter's dtype."""
     total = merged.numel()
     if not bool(torch.isfinite(merged_tv).all()):
         bad = int((~torch.isfinite(merged_tv)).sum())
         raise MergeOutputInvalid(name, f"{bad} of {total} values are not finite")
     bad = int((~torch.isfinite(merged)).sum())
-    if not bool(torch.isfinite(base_of()).all()):
+    if not bool(torch.isfinite(base).all()):
         raise MergeOutputInvalid(name, f"the base's own weights are not finite ({bad} of {total} values)")
     raise MergeOutputInvalid(
         name, f"base + merge overflows {str(merged.dtype).removeprefix('torch.')}: "

@@ -38,3 +38,10 @@ class MergeFn(Protocol):
     def __call__(
         self, task_vectors: list[torch.Tensor], *, name: str, base: torch.Tensor
     ) -> torch.Tensor: ...
+
+
+# A merge function whose attribute of this name is True computes every value of its result
+# from the inputs' values at the same position only (task arithmetic, not TIES's top-k): the
+# engine may then call it on 1-D chunks of a parameter (`merging.apply`), which keeps the
+# float32 arithmetic in cache. The built-in methods say so where it holds.
+ELEMENTWISE = "elementwise"

@@ -273,11 +273,12 @@ class ModelWeights:
         entry = self._entry(name)
         entry.file.advise(entry.start, entry.end, mmap.MADV_WILLNEED)
 
-    def release(self, name: str) -> None:
-        """Drop `name`'s pages from this process's memory; the page cache keeps them, and a
-        later read maps them again."""
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Drop `name`'s pages (those of its data bytes `start:stop`, all by default) from this
+        process's memory; the page cache keeps them, and a later read maps them again."""
         entry = self._entry(name)
-        entry.file.advise(entry.start, entry.end, mmap.MADV_DONTNEED)
+        end = entry.end if stop is None else min(entry.end, entry.start + stop)
+        entry.file.advise(entry.start + start, end, mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         self._stack.close()

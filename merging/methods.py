@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from merging.contract import KEYWORD_ONLY, POSITIONAL, MergeFn
+from merging.contract import ELEMENTWISE, KEYWORD_ONLY, POSITIONAL, MergeFn
 
 _CONTRACT_ARGS = (*POSITIONAL, *KEYWORD_ONLY)
 # A method: the contract's arguments plus its own keyword-only parameters with defaults.
@@ -32,12 +32,17 @@ class MethodSpec:
     fn: MethodFn
     defaults: dict[str, Any] = field(default_factory=dict)
     doc: str = ""
+    elementwise: bool = False  # see merging.contract.ELEMENTWISE
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def _register(fn: MethodFn) -> MethodFn:
+def _register(fn: MethodFn | None = None, *, elementwise: bool = False) -> Any:
+    """Register a method (`@_register`, or `@_register(elementwise=True)` for one that is
+    elementwise in the sense of `merging.contract.ELEMENTWISE`)."""
+    if fn is None:
+        return functools.partial(_register, elementwise=elementwise)
     params = inspect.signature(fn).parameters.values()
     defaults = {
         p.name: p.default
@@ -45,7 +50,7 @@ def _register(fn: MethodFn) -> MethodFn:
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _CONTRACT_ARGS
     }
     doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-    METHODS[fn.__name__] = MethodSpec(name=fn.__name__, fn=fn, defaults=defaults, doc=doc)
+    METHODS[fn.__name__] = MethodSpec(fn.__name__, fn, defaults, doc, elementwise)
     return fn
 
 
@@ -62,11 +67,12 @@ def make_merge_fn(method: str, **params: Any) -> MergeFn:
         raise ValueError(
             f"merge method '{method}' has no parameter '{unknown[0]}'; its parameters are: {valid}"
         )
-    merge_fn: MergeFn = functools.partial(spec.fn, **{**spec.defaults, **params})
+    merge_fn = functools.partial(spec.fn, **{**spec.defaults, **params})
+    setattr(merge_fn, ELEMENTWISE, spec.elementwise)
     return merge_fn
 
 
-@_register
+@_register(elementwise=True)
 def task_arithmetic(
     task_vectors: list[torch.Tensor], *, name: str, base: torch.Tensor, scale: float = 0.5
 ) -> torch.Tensor:

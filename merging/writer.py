@@ -177,6 +177,30 @@ class ModelWriter:
             self._thread.start()
         self._queue.put(_Write(shard.fd, tensor.detach(), shard.offsets[name], on_written))
 
+    def write_pieces(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
+        """Write `name` from consecutive pieces of it in row-major order (CPU tensors of the
+        layout's dtype), each in the caller's thread as soon as it is produced, while it is
+        still in cache; nothing is queued, so a piece's memory may be reused once the next
+        is asked for. If `pieces` raises, `name` is left unwritten (it may be given again)."""
+        info = self.layout.get(name)
+        shard = self._claim(name)
+        assert info is not None  # _claim checked
+        offset, end = shard.offsets[name], shard.offsets[name] + info.nbytes
+        try:
+            for piece in pieces:
+                if piece.dtype != info.dtype or piece.device.type != "cpu":
+                    raise ValueError(f"tensor {name}: a piece of {piece.dtype} on {piece.device}")
+                data = piece.contiguous().reshape(-1).view(torch.uint8)
+                if offset + data.numel() > end:
+                    raise ValueError(f"tensor {name}: pieces longer than its {info.nbytes} bytes")
+                _write_all(shard.fd, data.numpy().data, offset)
+                offset += data.numel()
+            if offset != end:
+                raise ValueError(f"tensor {name}: pieces of {offset - shard.offsets[name]} bytes, not {info.nbytes}")
+        except BaseException:
+            self._written.discard(name)
+            raise
+
     def copy(self, name: str, weights: ModelWeights) -> None:
         """Write `name` unchanged from `weights` (same dtype and shape), file to file."""
         source = weights.info(name)

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merging import methods
-from merging.apply import MergeOutputInvalid, merge_models
+from merging.apply import CHUNK, MergeOutputInvalid, merge_models
+from merging.contract import ELEMENTWISE
 from merging.io import ModelDirError, TensorInfo, open_weights
 from merging.methods import kth_largest, make_merge_fn
 from merging.writer import ModelWriter
@@ -262,6 +263,97 @@ def test_overflow_and_non_finite_base_are_told_apart(bf16_models: dict, tmp_path
     assert str(err.value) == "output for model.norm.weight: the base's own weights are not finite (1 of 1100 values)"
 
 
+def _marked(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    setattr(fn, ELEMENTWISE, True)
+    return fn
+
+
+@pytest.mark.parametrize("n_experts", [1, 3])
+def test_elementwise_merges_go_chunk_by_chunk_and_write_the_same_bytes(
+    bf16_models: dict, tmp_path: Path, n_experts: int
+) -> None:
+    experts = bf16_models["experts"][:n_experts]
+    chunked = make_merge_fn("task_arithmetic", scale=0.7)
+    assert getattr(chunked, ELEMENTWISE) is True and getattr(make_merge_fn("ties"), ELEMENTWISE) is False
+    whole = make_merge_fn("task_arithmetic", scale=0.7)
+    setattr(whole, ELEMENTWISE, False)
+    merge_models(chunked, bf16_models["base"], experts, tmp_path / "chunked")
+    merge_models(whole, bf16_models["base"], experts, tmp_path / "whole")
+    assert (tmp_path / "chunked" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+
+    @_marked
+    def record(tvs: list[torch.Tensor], *, name: str, base: torch.Tensor) -> torch.Tensor:
+        shapes.setdefault(name, []).append(tuple(base.shape))
+        return tvs[0] * 0.5
+
+    merge_models(record, bf16_models["base"], experts, tmp_path / "recorded")
+    big = BIG[0] * BIG[1]
+    assert shapes["model.embed_tokens.weight"] == [(CHUNK,)] * (big // CHUNK) + [(big % CHUNK,)]
+    assert shapes["model.norm.weight"] == [(1100,)]
+
+
+@_marked
+def _wrong_shape(tvs: list[torch.Tensor], *, name: str, base: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(3)
+
+
+@_marked
+def _integers(tvs: list[torch.Tensor], *, name: str, base: torch.Tensor) -> torch.Tensor:
+    return tvs[0].to(torch.int32)
+
+
+@_marked
+def _writes_its_input(tvs: list[torch.Tensor], *, name: str, base: torch.Tensor) -> torch.Tensor:
+    result = tvs[0].clone()
+    base.add_(1.0).sub_(1.0)
+    return result
+
+
+@_marked
+def _overflows(tvs: list[torch.Tensor], *, name: str, base: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(base, 3.4e38)  # finite in float32, not in bfloat16
+
+
+@pytest.mark.parametrize(
+    ("program", "reason"),
+    [
+        (_wrong_shape, f"shape (3,) != {BIG}"),
+        (_integers, "dtype torch.int32 is not floating point"),
+        (_writes_its_input, "merge modified its inputs"),
+        (_overflows, f"base + merge overflows bfloat16: {BIG[0] * BIG[1]} of {BIG[0] * BIG[1]} values"),
+    ],
+)
+def test_a_chunk_that_is_not_what_an_elementwise_merge_gives_is_merged_whole(
+    bf16_models: dict, tmp_path: Path, program: Callable[..., torch.Tensor], reason: str
+) -> None:
+    # A function marked elementwise that is not (or misbehaves) is merged the whole way, whose
+    # checks name the parameter's own shape and count; nothing is left behind.
+    with pytest.raises(MergeOutputInvalid) as err:
+        merge_models(program, bf16_models["base"], bf16_models["experts"][:2], tmp_path / "o", include="embed")
+    assert err.value.param == "model.embed_tokens.weight"
+    assert err.value.reason.startswith(reason)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_the_mark_is_a_promise_the_engine_takes_at_its_word(bf16_models: dict, tmp_path: Path) -> None:
+    # A function marked elementwise that is not (here: centred on its input's mean) is called
+    # on chunks, so it centres each chunk: the mark is for functions that truly are (the
+    # built-ins say so only where it holds, and generated programs cannot set it).
+    @_marked
+    def centre(tvs: list[torch.Tensor], *, name: str, base: torch.Tensor) -> torch.Tensor:
+        return tvs[0] - tvs[0].mean()
+
+    merge_models(centre, bf16_models["base"], bf16_models["experts"][:1], tmp_path / "o", include="embed")
+    name = "model.embed_tokens.weight"
+    merged = load_file(tmp_path / "o" / "model.safetensors")[name].reshape(-1)
+    b = load_file(bf16_models["base"] / "model.safetensors")[name].float().reshape(-1)
+    tv = load_file(bf16_models["experts"][0] / "model.safetensors")[name].float().reshape(-1) - b
+    expected = torch.cat([part - part.mean() for part in tv.split(CHUNK)])
+    assert torch.equal(merged, (b + expected).to(torch.bfloat16))
+
+
 @pytest.mark.gpu
 def test_cuda_merge_equals_the_cpu_merge(bf16_models: dict, tmp_path: Path) -> None:
     if not torch.cuda.is_available():
@@ -386,3 +478,30 @@ def test_writer_refuses_what_does_not_fit_and_leaves_nothing(bf16_models: dict, 
             writer.write("a", torch.zeros(2, 3))
             writer.write("a", torch.zeros(2, 3))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_takes_a_tensor_in_pieces_and_a_failed_one_can_be_given_again(
+    bf16_models: dict, tmp_path: Path
+) -> None:
+    layout = {"a": TensorInfo(torch.float32, (2, 3)), "b": TensorInfo(torch.bfloat16, (4,))}
+    values = torch.arange(6, dtype=torch.float32)
+
+    def pieces(stop: int, fail: bool = False):
+        for start in range(0, stop, 2):
+            yield values[start : start + 2]
+        if fail:
+            raise RuntimeError("the producer gave up")
+
+    out = tmp_path / "out"
+    with ModelWriter(out, template_dir=bf16_models["base"], layout=layout) as writer:
+        with pytest.raises(ValueError, match="tensor a: pieces of 16 bytes, not 24"):
+            writer.write_pieces("a", pieces(4))
+        with pytest.raises(RuntimeError, match="gave up"):
+            writer.write_pieces("a", pieces(6, fail=True))
+        with pytest.raises(ValueError, match="tensor b: a piece of torch.float32 on cpu"):
+            writer.write_pieces("b", [torch.zeros(4)])
+        writer.write_pieces("a", pieces(6))
+        writer.write_pieces("b", [torch.ones(2, dtype=torch.bfloat16), torch.full((2,), 2.0, dtype=torch.bfloat16)])
+    written = load_file(out / "model.safetensors")
+    assert torch.equal(written["a"], values.view(2, 3))
+    assert written["b"].tolist() == [1.0, 1.0, 2.0, 2.0]
