@@ -16,7 +16,7 @@ process's own rusage (`wait4`; for the sandboxes, the result's `duration_s` and
     one worker with every core: merges per hour;
   * the engine's floor on this machine: reading the three models and writing one.
 
-    .venv/bin/python bench/merge_vs_mergekit.py [--runs 2] [--threads N] [--models DIR]
+    .venv/bin/python bench/merge_vs_mergekit.py [--runs 2] [--threads N] [--models DIR] [--only METHOD]
 
 The mergekit venv is created on first use (`--mergekit-venv`, default .venv-mergekit, from
 PyPI: mergekit 0.1.5 with the CPU torch of this venv's version).
@@ -270,6 +270,8 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "coevo-bench-models")
     parser.add_argument("--mergekit-venv", type=Path, default=ROOT / ".venv-mergekit")
     parser.add_argument("--pool-jobs", type=int, default=6, help="merges per pool configuration")
+    parser.add_argument("--only", choices=["task_arithmetic", "ties"],
+                        help="just this built-in against mergekit and the floor (no sandboxes, no pool)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--build", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -292,6 +294,9 @@ def main() -> int:
     deep_base, deep_experts = build_models(args.models / "qwen2-0.5b-x2", 48)
     work = Path(tempfile.mkdtemp(prefix="coevo-bench-"))  # not under --models: Docker mounts that
     builtins = {"task_arithmetic": {"scale": TA_SCALE}, "ties": {"density": TIES_DENSITY}}
+    if args.only:
+        builtins = {args.only: builtins[args.only]}
+    programs = {} if args.only else PROGRAMS
     # (wall s, peak MiB[, the merge's own s: merge_models after the imports, or the sandbox's
     # duration_s inside the job; the wall time of a sandbox run is the caller's, all in])
     results: dict[tuple[str, str], list[tuple[float, ...]]] = {}
@@ -307,7 +312,8 @@ def main() -> int:
     limits = SandboxLimits(timeout_s=1200, memory_mb=16_000, max_output_mb=4096, cpus=float(threads))
     process = ProcessRunner(limits)
     docker = DockerRunner(limits, pool_size=1, jobs_per_container=10_000, input_roots=[args.models], scratch_dir=work / "scratch")
-    docker.prewarm(base, experts)
+    if programs:
+        docker.prewarm(base, experts)
     sandboxes = {"process sandbox": process, "Docker warm pool": docker}
 
     for model_dir in [base, *experts, deep_base, *deep_experts]:  # page cache warm
@@ -319,7 +325,7 @@ def main() -> int:
             record((method, "coevo in-process"), coevo_merge(spec(work / f"coevo-{method}", method=method, params=params), threads))
             record((method, "mergekit 2x model"), mergekit_merge(venv, method, deep_base, deep_experts, work / "mk-deep", threads))
             record((method, "coevo 2x model"), coevo_merge(spec(work / "coevo-deep", deep_base, deep_experts, method=method, params=params), threads))
-        for label, source in PROGRAMS.items():
+        for label, source in programs.items():
             record((label, "program in-process"), coevo_merge(spec(work / "program", source=source), threads))
             for name, runner in sandboxes.items():
                 shutil.rmtree(work / "sandboxed", ignore_errors=True)
@@ -334,14 +340,16 @@ def main() -> int:
         results.setdefault(("floor", "write"), []).append((write, 0.0))
 
     equal = {method: differing(work / f"mk-{method}", work / f"coevo-{method}") for method in builtins}
-    print("mergekit TIES with a stable argsort", file=sys.stderr)
-    mergekit_merge(venv, "ties", base, experts, work / "mk-ties-stable", threads, stable=True)
-    equal_stable = differing(work / "mk-ties-stable", work / "coevo-ties")
+    equal_stable = None
+    if "ties" in builtins:
+        print("mergekit TIES with a stable argsort", file=sys.stderr)
+        mergekit_merge(venv, "ties", base, experts, work / "mk-ties-stable", threads, stable=True)
+        equal_stable = differing(work / "mk-ties-stable", work / "coevo-ties")
 
     # Throughput of the pool: the defaults, against one worker with every core.
     pools = {"default (2 workers, cores shared)": SandboxConfig(runner="docker"), "1 worker, all cores": SandboxConfig(runner="docker", workers=1, cpus=float(available_cpus()))}
     throughput = {}
-    for label, config in pools.items():
+    for label, config in pools.items() if programs else []:
         config = config.model_copy(update={"timeout_s": 1200.0, "memory_mb": 8000})
         runner = runner_from_config(config, scratch_dir=work / "pool-scratch", input_roots=[args.models])
         try:
@@ -384,13 +392,16 @@ def main() -> int:
               f"| {value((method, 'coevo in-process'), 2):.2f} s | {value((method, 'coevo in-process'), 2) / io_floor:.1f} "
               f"| {ratio((method, 'coevo in-process'), (method, 'mergekit'), 1):.2f} "
               f"| {d} of {total} | {cell((method, 'mergekit 2x model'))} | {cell((method, 'coevo 2x model'))} |")
-    d, total = equal_stable
-    print(f"\nties against mergekit with a stable argsort (ties at the trim threshold kept in index order): "
-          f"{d} of {total} values differ")
+    if equal_stable is not None:
+        d, total = equal_stable
+        print(f"\nties against mergekit with a stable argsort (ties at the trim threshold kept in index order): "
+              f"{d} of {total} values differ")
+    if not programs:
+        return 0
     print("\n| merge program | in-process (merge_models alone) | process sandbox, caller's wall (inside the job) "
           "| Docker warm pool, caller's wall (inside the job) | Docker caller's wall / in-process |")
     print("|---|---|---|---|---|")
-    for label in PROGRAMS:
+    for label in programs:
         inside = {name: f"{cell((label, name))} ({value((label, name), 2):.1f} s)" for name in sandboxes}
         print(f"| {label} | {cell((label, 'program in-process'), 2)} | {inside['process sandbox']} "
               f"| {inside['Docker warm pool']} "

@@ -9,9 +9,7 @@ a background thread writes that tensor to its final offset while the next one is
 The engine's own tensors (the float32 inputs, the outputs waiting to be written) live in
 buffers sized for the largest parameter and reused for every one: a fresh 500 MB tensor costs
 the kernel ~130 000 page faults before the first value lands in it, more than the arithmetic
-on it. So memory is a few times the largest parameter, whatever the model's size. Its own
-elementwise passes (conversion and subtraction, the sum and its rounding) go a cache-sized
-chunk at a time.
+on it. So memory is a few times the largest parameter, whatever the model's size.
 
 An elementwise merge function (`merging.contract.ELEMENTWISE`, e.g. built-in task arithmetic)
 needs no whole parameter at all: it is called chunk by chunk, and each chunk goes from the
@@ -38,9 +36,9 @@ from merging.contract import ELEMENTWISE, MergeFn
 from merging.io import ModelWeights, TensorInfo, open_weights
 from merging.writer import ModelWriter
 
-# Elements per chunk of the engine's elementwise passes: a chunk of each input and output
-# (1 MiB of float32) stays in L2 from one pass to the next, where a whole parameter (up to
-# 545 MB for a 0.5B model's embeddings) streams through memory once per pass.
+# Values per chunk of an elementwise merge: a chunk of each input, the sum and the output
+# (1 MiB of float32 each) stay in L2 from one step to the next, where a whole parameter (up to
+# 545 MB for a 0.5B model's embeddings) would stream through memory once per step.
 CHUNK = 1 << 18
 # An elementwise merge releases the inputs' pages it has read every this many chunks, so a
 # process maps a few MB of each input at a time, not a whole parameter.
@@ -89,10 +87,9 @@ def merge_models(
     is called on cache-sized 1-D chunks of each parameter instead, on the CPU: no float32 copy
     of a whole parameter is made, and the result is the same bit for bit. Non-floating tensors,
     and tensors whose name does not match the `include` regex (`re.search`), are copied from
-    the base unchanged. A result that is not a
-    tensor of the parameter's shape, a merged parameter that is not finite, or a merge that
-    modified its inputs raises `MergeOutputInvalid`; exceptions raised by `merge_fn` itself
-    propagate unchanged. The output dir is written atomically, with the base's config and
+    the base unchanged. A result that is not a tensor of the parameter's shape, a merged
+    parameter that is not finite, or a merge that modified its inputs raises
+    `MergeOutputInvalid`; exceptions raised by `merge_fn` itself propagate unchanged. The output dir is written atomically, with the base's config and
     tokenizer files.
     """
     start = time.perf_counter()
@@ -146,16 +143,15 @@ class _Buffers:
     """Reused storage for the engine's tensors: one float32 buffer per input (base, each
     expert) on the merge's device, and a few output buffers per output dtype in host memory
     (pinned, for a GPU merge), each as large as the largest merged parameter needs (pages are
-    only touched by the path that uses them); outputs go back to the free list once written.
-    Chunk-sized ones for the elementwise passes."""
+    touched only by the path that uses them); outputs go back to the free list once written.
+    Chunk-sized ones for elementwise merges."""
 
     def __init__(self, infos: list[TensorInfo], inputs: int, device: torch.device, outputs: int) -> None:
         self.device = device
         largest = max((info.numel for info in infos), default=0)
         self.inputs = [torch.empty(largest, dtype=torch.float32, device=device) for _ in range(inputs)]
-        self.scratch = torch.empty(min(largest, CHUNK), dtype=torch.float32)
-        # An elementwise merge's inputs, a chunk at a time (the big buffers stay untouched).
-        self.chunks = [torch.empty(min(largest, CHUNK), dtype=torch.float32) for _ in range(inputs)]
+        # An elementwise merge's inputs and sum, a chunk at a time (the big buffers stay untouched).
+        self.chunks = [torch.empty(min(largest, CHUNK), dtype=torch.float32) for _ in range(inputs + 1)]
         self.out_chunks: dict[torch.dtype, torch.Tensor] = {}
         self.free: dict[torch.dtype, queue.Queue[torch.Tensor]] = {}
         for dtype in {info.dtype for info in infos}:
@@ -165,59 +161,22 @@ class _Buffers:
                 self.free[dtype].put(torch.empty(numel, dtype=dtype, pin_memory=device.type == "cuda"))
 
     def load(self, name: str, models: list[ModelWeights]) -> list[torch.Tensor]:
-        """`name` of the base, then every expert's task vector (expert - base), in float32 in
-        the input buffers (to a GPU each travels in its own, narrower dtype). The file's pages
-        leave this process's memory once copied.
-
-        On the CPU this goes a cache-sized chunk at a time: the base's float32 chunk is still
-        in cache when each expert's chunk is converted and the base subtracted from it, so the
-        float32 buffers are written once and never read back here."""
-        flat = [weights.view(name).reshape(-1) for weights in models]
-        info = models[0].info(name)
-        numel = info.numel
-        loaded = [buffer[:numel] for buffer in self.inputs[: len(models)]]
-        if self.device.type == "cpu":
-            for start in range(0, numel, CHUNK):
-                stop = min(numel, start + CHUNK)
-                base = loaded[0][start:stop]
-                base.copy_(flat[0][start:stop])
-                for target, view in zip(loaded[1:], flat[1:], strict=True):
-                    target[start:stop].copy_(view[start:stop]).sub_(base)
-        else:
-            for target, view in zip(loaded, flat, strict=True):
-                target.copy_(view.to(self.device, non_blocking=True))
-            for target in loaded[1:]:
-                target.sub_(loaded[0])
-        del flat
-        for weights in models:
+        """`name` of every model in float32, in the input buffers (to a GPU it travels in its
+        own, narrower dtype). The file's pages leave this process's memory once copied."""
+        loaded = []
+        for i, weights in enumerate(models):
+            view = weights.view(name)
+            target = self.inputs[i][: view.numel()].view(view.shape)
+            target.copy_(view if self.device.type == "cpu" else view.to(self.device, non_blocking=True))
+            del view
             weights.release(name)
-        return [target.view(info.shape) for target in loaded]
-
-    def add_rounded(self, base: torch.Tensor, merged_tv: torch.Tensor, out: torch.Tensor) -> list[torch.Tensor]:
-        """`out = base + merged_tv`, summed in float32 and rounded once to `out`'s dtype (bit for
-        bit `(base + merged_tv).to(dtype)`), a chunk at a time through a float32 scratch that
-        stays in cache. Returns the written values' minimum and maximum of every chunk (to
-        check finiteness with), or `out`'s own for float8, which has no aminmax kernel."""
-        base, merged_tv, out = base.reshape(-1), merged_tv.reshape(-1), out.view(-1)
-        bounds: list[torch.Tensor] = []
-        for start in range(0, out.numel(), CHUNK):
-            stop = min(out.numel(), start + CHUNK)
-            part = out[start:stop]
-            if out.dtype == torch.float32:
-                torch.add(base[start:stop], merged_tv[start:stop], out=part)
-            else:
-                total = self.scratch[: stop - start]
-                part.copy_(torch.add(base[start:stop], merged_tv[start:stop], out=total))
-            if out.dtype.itemsize > 1:
-                bounds.extend(torch.aminmax(part))
-        if out.dtype.itemsize == 1 and out.numel():
-            bounds.extend(torch.aminmax(out.to(torch.float32)))
-        return bounds
+            loaded.append(target)
+        return loaded
 
     def out_chunk(self, dtype: torch.dtype) -> torch.Tensor:
         """A chunk-sized buffer of `dtype` (an elementwise merge's output, reused)."""
         if dtype not in self.out_chunks:
-            self.out_chunks[dtype] = torch.empty(len(self.scratch), dtype=dtype)
+            self.out_chunks[dtype] = torch.empty(len(self.chunks[0]), dtype=dtype)
         return self.out_chunks[dtype]
 
     def renew_retained(self) -> None:
@@ -244,6 +203,8 @@ def _merge_one(
 ) -> tuple[torch.Tensor, Callable[[], None]]:
     info = models[0].info(name)
     base_f32, *task_vectors = buffers.load(name, models)
+    for task_vector in task_vectors:
+        task_vector.sub_(base_f32)
     inputs = [base_f32, *task_vectors]
     before = [_fingerprint(t) for t in inputs] if check_inputs_unmodified else []
 
@@ -265,16 +226,24 @@ def _merge_one(
 
     merged_tv = merged_tv.detach().to(device=base_f32.device, dtype=torch.float32)
     merged, release = buffers.output(info)
+    # The sum goes into the base's buffer, unless the program kept it or returned a view of it
+    # (then a reference more than the buffer's own and `base_f32`): float32 in place, then one
+    # rounding to the parameter's dtype, bit for bit `(base + merged).to(dtype)`, and about
+    # 8x faster than torch's mixed-dtype `add(..., out=bf16)`.
+    in_place = _storage_references(buffers.inputs[0]) == 2
+    base_of = (lambda: models[0].view(name).to(torch.float32)) if in_place else (lambda: base_f32)
     try:
         if base_f32.device.type == "cpu":
-            bounds = buffers.add_rounded(base_f32, merged_tv, merged)
-            finite = not bounds or bool(torch.isfinite(torch.stack(bounds)).all())
+            if in_place:
+                merged.copy_(base_f32.add_(merged_tv))
+            else:
+                torch.add(base_f32, merged_tv, out=merged)
+            _check_finite(name, merged, merged_tv, base_of)
         else:  # summed and checked on the GPU; only the parameter's own bytes come back
-            on_device = (base_f32 + merged_tv).to(info.dtype)
-            finite = _all_finite(on_device)
+            total = base_f32.add_(merged_tv) if in_place else base_f32 + merged_tv
+            on_device = total.to(info.dtype)
+            _check_finite(name, on_device, merged_tv, base_of)
             merged.copy_(on_device)
-        if not finite:
-            _explain_not_finite(name, merged, merged_tv, base_f32)
     except BaseException:
         release()
         raise
@@ -334,9 +303,12 @@ def _merged_chunks(
             or (check_inputs_unmodified and [_fingerprint(t) for t in inputs] != before)
         ):
             raise _NotElementwise
+        # float32 sum in a buffer of its own, then one rounding: bit for bit the whole path's.
         out = buffers.out_chunk(info.dtype)[: stop - start]
-        bounds = buffers.add_rounded(base, merged_tv.detach().float(), out)
-        if bounds and not bool(torch.isfinite(torch.stack(bounds)).all()):
+        total = torch.add(base, merged_tv.detach().float(), out=buffers.chunks[-1][: stop - start])
+        out.copy_(total)
+        low, high = torch.aminmax(out if out.dtype.itemsize > 1 else out.float())  # float8: none
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
             raise _NotElementwise
         yield out
         if start // CHUNK % _RELEASE_EVERY == _RELEASE_EVERY - 1:  # the inputs' pages read so far
@@ -369,28 +341,25 @@ def _fingerprint(tensor: torch.Tensor) -> tuple[Any, ...]:
     )
 
 
-def _all_finite(values: torch.Tensor) -> bool:
-    """Whether every value is finite, in one min/max pass."""
-    if values.numel() == 0:
-        return True
-    try:
-        low, high = torch.aminmax(values)
-    except (RuntimeError, NotImplementedError):  # float8: no aminmax kernel
-        low, high = torch.aminmax(values.to(torch.float32))
-    return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
-def _explain_not_finite(
-    name: str, merged: torch.Tensor, merged_tv: torch.Tensor, base: torch.Tensor
+def _check_finite(
+    name: str, merged: torch.Tensor, merged_tv: torch.Tensor, base_of: Callable[[], torch.Tensor]
 ) -> None:
-    """Raise for a merged parameter with values that are not finite: the merge's own output,
-    the base's weights, or the sum overflowing the parameter's dtype."""
+    """Raise unless every value written is finite (one min/max pass; counts only on failure,
+    when `base_of()` gives the base's values to tell an overflow from a bad base)."""
+    if merged.numel() == 0:
+        return
+    try:
+        low, high = torch.aminmax(merged)
+    except (RuntimeError, NotImplementedError):  # float8: no aminmax kernel
+        low, high = torch.aminmax(merged.to(torch.float32))
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
     total = merged.numel()
     if not bool(torch.isfinite(merged_tv).all()):
         bad = int((~torch.isfinite(merged_tv)).sum())
         raise MergeOutputInvalid(name, f"{bad} of {total} values are not finite")
     bad = int((~torch.isfinite(merged)).sum())
-    if not bool(torch.isfinite(base).all()):
+    if not bool(torch.isfinite(base_of()).all()):
         raise MergeOutputInvalid(name, f"the base's own weights are not finite ({bad} of {total} values)")
     raise MergeOutputInvalid(
         name, f"base + merge overflows {str(merged.dtype).removeprefix('torch.')}: "
