@@ -4,8 +4,8 @@ Three Qwen2-0.5B-shaped bf16 models are built locally (base = seeded noise, expe
 seeded noise; 494M parameters, 988 MB each) and a twice-as-deep one (48 layers) for memory.
 Every merge runs in a fresh process, at the same thread count, with the page cache warm and
 no dirty pages waiting (`sync` first: another run's writeback throttles a writer on this
-machine by seconds); rounds are interleaved so drift hits every mode alike; wall time and peak RSS come from the
-process's own rusage (`wait4`; for the sandboxes, the result's `duration_s` and
+machine by seconds); rounds are interleaved so drift hits every mode alike; wall time and
+peak RSS come from the process's own rusage (`wait4`; for the sandboxes, the result's `duration_s` and
 `peak_memory_mb`, which the harness measures the same way).
 
   * mergekit 0.1.5 in its own venv (`dtype: float32`, `out_dtype: bfloat16`, weight 1 each)

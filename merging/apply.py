@@ -89,8 +89,8 @@ def merge_models(
     and tensors whose name does not match the `include` regex (`re.search`), are copied from
     the base unchanged. A result that is not a tensor of the parameter's shape, a merged
     parameter that is not finite, or a merge that modified its inputs raises
-    `MergeOutputInvalid`; exceptions raised by `merge_fn` itself propagate unchanged. The output dir is written atomically, with the base's config and
-    tokenizer files.
+    `MergeOutputInvalid`; exceptions raised by `merge_fn` itself propagate unchanged. The output
+    dir is written atomically, with the base's config and tokenizer files.
     """
     start = time.perf_counter()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -213,16 +213,9 @@ def _merge_one(
     # First: a modified input explains whatever else looks wrong (a base resized to fit).
     if check_inputs_unmodified and [_fingerprint(t) for t in inputs] != before:
         raise MergeOutputInvalid(name, "merge modified its inputs")
-    if not isinstance(merged_tv, torch.Tensor):
-        raise MergeOutputInvalid(name, f"returned {type(merged_tv).__name__}, not a torch.Tensor")
-    if merged_tv.layout != torch.strided or merged_tv.device.type not in ("cpu", "cuda"):
-        raise MergeOutputInvalid(
-            name, f"a {merged_tv.layout} tensor on {merged_tv.device.type}, not a dense tensor"
-        )
-    if tuple(merged_tv.shape) != info.shape:
-        raise MergeOutputInvalid(name, f"shape {tuple(merged_tv.shape)} != {info.shape}")
-    if not merged_tv.is_floating_point():
-        raise MergeOutputInvalid(name, f"dtype {merged_tv.dtype} is not floating point")
+    problem = _output_problem(merged_tv, info.shape)
+    if problem is not None:
+        raise MergeOutputInvalid(name, problem)
 
     merged_tv = merged_tv.detach().to(device=base_f32.device, dtype=torch.float32)
     merged, release = buffers.output(info)
@@ -295,20 +288,15 @@ def _merged_chunks(
         before = [_fingerprint(t) for t in inputs] if check_inputs_unmodified else []
         merged_tv = merge_fn(task_vectors, name=name, base=base)
         if (
-            not isinstance(merged_tv, torch.Tensor)
-            or merged_tv.layout != torch.strided
+            (check_inputs_unmodified and [_fingerprint(t) for t in inputs] != before)
+            or _output_problem(merged_tv, (stop - start,)) is not None
             or merged_tv.device.type != "cpu"
-            or tuple(merged_tv.shape) != (stop - start,)
-            or not merged_tv.is_floating_point()
-            or (check_inputs_unmodified and [_fingerprint(t) for t in inputs] != before)
         ):
             raise _NotElementwise
         # float32 sum in a buffer of its own, then one rounding: bit for bit the whole path's.
         out = buffers.out_chunk(info.dtype)[: stop - start]
         total = torch.add(base, merged_tv.detach().float(), out=buffers.chunks[-1][: stop - start])
-        out.copy_(total)
-        low, high = torch.aminmax(out if out.dtype.itemsize > 1 else out.float())  # float8: none
-        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        if not _all_finite(out.copy_(total)):
             raise _NotElementwise
         yield out
         if start // CHUNK % _RELEASE_EVERY == _RELEASE_EVERY - 1:  # the inputs' pages read so far
@@ -341,18 +329,36 @@ def _fingerprint(tensor: torch.Tensor) -> tuple[Any, ...]:
     )
 
 
+def _output_problem(merged_tv: Any, shape: tuple[int, ...]) -> str | None:
+    """What makes a merge function's result unusable for a parameter (or chunk) of `shape`."""
+    if not isinstance(merged_tv, torch.Tensor):
+        return f"returned {type(merged_tv).__name__}, not a torch.Tensor"
+    if merged_tv.layout != torch.strided or merged_tv.device.type not in ("cpu", "cuda"):
+        return f"a {merged_tv.layout} tensor on {merged_tv.device.type}, not a dense tensor"
+    if tuple(merged_tv.shape) != shape:
+        return f"shape {tuple(merged_tv.shape)} != {shape}"
+    if not merged_tv.is_floating_point():
+        return f"dtype {merged_tv.dtype} is not floating point"
+    return None
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    """Whether every value is finite, in one min/max pass."""
+    if values.numel() == 0:
+        return True
+    try:
+        low, high = torch.aminmax(values)
+    except (RuntimeError, NotImplementedError):  # float8: no aminmax kernel
+        low, high = torch.aminmax(values.to(torch.float32))
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _check_finite(
     name: str, merged: torch.Tensor, merged_tv: torch.Tensor, base_of: Callable[[], torch.Tensor]
 ) -> None:
     """Raise unless every value written is finite (one min/max pass; counts only on failure,
     when `base_of()` gives the base's values to tell an overflow from a bad base)."""
-    if merged.numel() == 0:
-        return
-    try:
-        low, high = torch.aminmax(merged)
-    except (RuntimeError, NotImplementedError):  # float8: no aminmax kernel
-        low, high = torch.aminmax(merged.to(torch.float32))
-    if bool(torch.isfinite(low) & torch.isfinite(high)):
+    if _all_finite(merged):
         return
     total = merged.numel()
     if not bool(torch.isfinite(merged_tv).all()):
