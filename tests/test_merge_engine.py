@@ -316,10 +316,23 @@ def _overflows(tvs: list[torch.Tensor], *, name: str, base: torch.Tensor) -> tor
     return torch.full_like(base, 3.4e38)  # finite in float32, not in bfloat16
 
 
+def _with(value: float) -> Callable[..., torch.Tensor]:
+    @_marked
+    def one_value(tvs: list[torch.Tensor], *, name: str, base: torch.Tensor) -> torch.Tensor:
+        result = tvs[0].clone()
+        result.view(-1)[5] = value  # in the first chunk
+        return result
+
+    return one_value
+
+
 @pytest.mark.parametrize(
     ("program", "reason"),
     [
         (_wrong_shape, f"shape (3,) != {BIG}"),
+        (_with(float("nan")), f"1 of {BIG[0] * BIG[1]} values are not finite"),
+        (_with(float("-inf")), f"1 of {BIG[0] * BIG[1]} values are not finite"),
+        (_with(float("inf")), f"1 of {BIG[0] * BIG[1]} values are not finite"),
         (_integers, "dtype torch.int32 is not floating point"),
         (_writes_its_input, "merge modified its inputs"),
         (_overflows, f"base + merge overflows bfloat16: {BIG[0] * BIG[1]} of {BIG[0] * BIG[1]} values"),
