@@ -190,11 +190,11 @@ class ModelWriter:
             for piece in pieces:
                 if piece.dtype != info.dtype or piece.device.type != "cpu":
                     raise ValueError(f"tensor {name}: a piece of {piece.dtype} on {piece.device}")
-                data = piece.contiguous().reshape(-1).view(torch.uint8)
-                if offset + data.numel() > end:
+                data = _bytes_of(piece)
+                if offset + data.nbytes > end:
                     raise ValueError(f"tensor {name}: pieces longer than its {info.nbytes} bytes")
-                _write_all(shard.fd, data.numpy().data, offset)
-                offset += data.numel()
+                _write_all(shard.fd, data, offset)
+                offset += data.nbytes
             if offset != end:
                 raise ValueError(f"tensor {name}: pieces of {offset - shard.offsets[name]} bytes, not {info.nbytes}")
         except BaseException:
@@ -221,8 +221,7 @@ class ModelWriter:
                 return
             try:
                 if self._error is None and item.tensor.numel():
-                    data = item.tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                    _write_all(item.fd, data.numpy().data, item.offset)
+                    _write_all(item.fd, _bytes_of(item.tensor), item.offset)
             except BaseException as err:  # raised again in the caller's thread
                 self._error = err
             finally:
@@ -333,6 +332,11 @@ def share_readable(root: Path) -> None:
         wanted = mode | 0o444 | (0o111 if path.is_dir() else 0)
         if wanted != mode:
             os.chmod(path, wanted)
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A tensor's bytes in row-major order (copied to the host only if on a device)."""
+    return tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def _write_all(fd: int, data: memoryview, offset: int) -> None:
